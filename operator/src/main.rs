@@ -1,0 +1,136 @@
+//! `fleetwarden-operator`: connects to the API server, campaigns for the leader lease, runs the
+//! controllers while it leads, serves /metrics and probes, and shuts down cleanly on SIGTERM
+//! (controllers finish in-flight work, then the lease is released for a standby).
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::Client;
+use operator::{
+    config::Config,
+    controllers::{self, Shared},
+    http::{self, Readiness},
+    leader::LeaderElector,
+    metrics::Metrics,
+    runner, telemetry,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    telemetry::init(config.log_format, &config.log)?;
+    if let Err(e) = run(config).await {
+        tracing::error!(error = format!("{e:#}"), "operator failed");
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let kube_config = kube::Config::infer().await.context(
+        "no Kubernetes configuration: set KUBECONFIG or run in a pod with a service account",
+    )?;
+    let default_namespace = kube_config.default_namespace.clone();
+    let client = Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
+    let leader_config = config
+        .leader_config(&default_namespace)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        identity = %leader_config.identity,
+        lease = %format!("{}/{}", leader_config.namespace, leader_config.lease_name),
+        "starting"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+
+    let listener = http::bind(config.metrics_addr).await?;
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        readiness.clone(),
+        http_stop.clone(),
+    ));
+
+    // The elector stops only after the controllers have, so the lease is never released while
+    // this replica still writes.
+    let elector_stop = CancellationToken::new();
+    let (leading_tx, mut leading) = watch::channel(false);
+    let elector = LeaderElector::new(client.clone(), leader_config);
+    let ready_api = readiness.clone();
+    let elector_task = tokio::spawn(elector.run(
+        leading_tx,
+        move |ok| ready_api.set_api_reachable(ok),
+        elector_stop.clone(),
+    ));
+
+    let shared = Shared {
+        client,
+        metrics: metrics.clone(),
+    };
+    loop {
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => if r.is_err() { break },
+            _ = shutdown.cancelled() => break,
+        }
+        metrics.leader.set(1);
+        metrics.leader_transitions.inc();
+        readiness.set_leader(true);
+        let term = shutdown.child_token();
+        let tasks = controllers::all(&shared, &term);
+        readiness.set_controllers_started(true);
+        tracing::info!(controllers = tasks.len(), "leading: controllers started");
+        let mut run = Box::pin(runner::run_all(tasks, term.clone()));
+        let finished = tokio::select! {
+            _ = &mut run => true,
+            r = leading.wait_for(|l| !*l) => { let _ = r; false }
+        };
+        term.cancel();
+        if !finished {
+            run.await;
+        }
+        readiness.set_controllers_started(false);
+        readiness.set_leader(false);
+        metrics.leader.set(0);
+        if shutdown.is_cancelled() {
+            break;
+        }
+        metrics.leader_transitions.inc();
+        tracing::warn!("controllers stopped after losing leadership; campaigning again");
+    }
+
+    elector_stop.cancel();
+    let _ = elector_task.await;
+    http_stop.cancel();
+    match http_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested; stopping controllers and releasing the lease");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting immediately");
+    std::process::exit(130);
+}
