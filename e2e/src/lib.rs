@@ -1,0 +1,436 @@
+//! End-to-end harness, in the spirit of controller-runtime's envtest: one real kube-apiserver
+//! (with etcd and kube-controller-manager) per test run, the committed CRDs installed into it,
+//! a fresh namespace per test, and helpers to run our binaries and the real `kubectl` against it.
+//!
+//! By default the harness starts its own control plane with `e2e/control-plane.sh` in a private
+//! state directory and stops it at the end. With `FLEETWARDEN_E2E_EXISTING_CLUSTER=1` it uses
+//! the cluster `KUBECONFIG` points at instead and only removes the namespaces it created.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::wait::{await_condition, conditions},
+};
+use tokio::process::{Child, Command};
+
+pub const E2E_LABEL: &str = "fleetwarden.io/e2e";
+
+pub struct Env {
+    pub client: Client,
+    pub kubeconfig: PathBuf,
+    /// Workspace root (where `Cargo.toml`, `examples/` and `charts/` are).
+    pub root: PathBuf,
+    /// Scratch directory of this run: logs, kubectl cache, control-plane state.
+    pub scratch: PathBuf,
+    /// Set when this harness started the control plane and must stop it.
+    owned_control_plane: Option<PathBuf>,
+    namespaces: Mutex<Vec<String>>,
+    seq: AtomicU32,
+}
+
+impl Env {
+    /// Starts (or connects to) the control plane, builds our binaries, installs the CRDs.
+    pub async fn start() -> anyhow::Result<Env> {
+        let root = workspace_root();
+        check_binaries(&root)?;
+        let scratch = std::env::temp_dir().join(format!("fleetwarden-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+
+        let existing = std::env::var("FLEETWARDEN_E2E_EXISTING_CLUSTER").is_ok_and(|v| v == "1");
+        let (kubeconfig, owned_control_plane) = if existing {
+            let path = std::env::var_os("KUBECONFIG")
+                .map(PathBuf::from)
+                .context("FLEETWARDEN_E2E_EXISTING_CLUSTER=1 needs KUBECONFIG to name the cluster's kubeconfig")?;
+            eprintln!("e2e: using the existing cluster in {}", path.display());
+            (path, None)
+        } else {
+            let state = scratch.join("control-plane");
+            eprintln!("e2e: starting a control plane in {}", state.display());
+            let status = Command::new("bash")
+                .arg(root.join("e2e/control-plane.sh"))
+                .arg("up")
+                .env("FLEETWARDEN_CP_DIR", &state)
+                .status()
+                .await
+                .context("cannot run e2e/control-plane.sh")?;
+            if !status.success() {
+                bail!(
+                    "e2e/control-plane.sh up failed ({status}); its logs are in {}/logs",
+                    state.display()
+                );
+            }
+            (state.join("kubeconfig"), Some(state))
+        };
+
+        let kc = Kubeconfig::read_from(&kubeconfig)
+            .with_context(|| format!("cannot read kubeconfig {}", kubeconfig.display()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        let client = Client::try_from(config)?;
+
+        let env = Env {
+            client,
+            kubeconfig,
+            root,
+            scratch,
+            owned_control_plane,
+            namespaces: Mutex::new(Vec::new()),
+            seq: AtomicU32::new(0),
+        };
+        env.install_crds().await?;
+        Ok(env)
+    }
+
+    /// Installs (or updates) the committed CRD YAML and waits until every CRD is Established.
+    pub async fn install_crds(&self) -> anyhow::Result<Vec<String>> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let mut names = Vec::new();
+        for crd in
+            read_yaml_dir::<CustomResourceDefinition>(&self.root.join("charts/fleetwarden/crds"))?
+        {
+            let name = crd.metadata.name.clone().context("CRD without a name")?;
+            match api.create(&PostParams::default(), &crd).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let current = api.get(&name).await?;
+                    let mut updated = crd.clone();
+                    updated.metadata.resource_version = current.metadata.resource_version;
+                    api.replace(&name, &PostParams::default(), &updated).await?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("installing CRD {name}")),
+            }
+            names.push(name);
+        }
+        for name in &names {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                await_condition(api.clone(), name, conditions::is_crd_established()),
+            )
+            .await
+            .with_context(|| format!("CRD {name} not Established within 30s"))??;
+        }
+        Ok(names)
+    }
+
+    /// A fresh namespace for one test, removed when the run ends.
+    pub async fn namespace(&self, test: &str) -> anyhow::Result<String> {
+        let slug: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect();
+        let name = format!(
+            "e2e-{}-{}",
+            slug.trim_matches('-'),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some([(E2E_LABEL.to_string(), "true".to_string())].into()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
+        self.namespaces
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?
+            .push(name.clone());
+        Ok(name)
+    }
+
+    /// The real `kubectl`, pointed at this cluster, with a private discovery cache so freshly
+    /// installed CRDs are seen at once.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.scratch.join("kubectl-cache"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs kubectl; `Ok(stdout)` on success, `Err` with its stderr otherwise.
+    pub async fn kubectl_run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .kubectl()
+            .args(args)
+            .output()
+            .await
+            .context("cannot run kubectl (is it installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Path of one of our binaries (checked to be current by `Env::start`).
+    pub fn binary(&self, name: &str) -> PathBuf {
+        target_dir(&self.root).join("debug").join(name)
+    }
+
+    /// Starts one of our binaries against this cluster; output goes to `<scratch>/<log_name>.log`.
+    pub fn spawn(&self, binary: &str, log_name: &str, args: &[&str]) -> anyhow::Result<Process> {
+        let log_path = self.scratch.join(format!("{log_name}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(self.binary(binary))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("FLEETWARDEN_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {binary}"))?;
+        Ok(Process { child, log_path })
+    }
+
+    /// Removes what the run created; stops the control plane if the harness started it.
+    pub async fn stop(self) {
+        if let Some(state) = &self.owned_control_plane {
+            let status = Command::new("bash")
+                .arg(self.root.join("e2e/control-plane.sh"))
+                .arg("down")
+                .env("FLEETWARDEN_CP_DIR", state)
+                .status()
+                .await;
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("e2e: control-plane.sh down failed: {status:?}");
+            }
+            let _ = std::fs::remove_dir_all(&self.scratch);
+        } else {
+            let api: Api<Namespace> = Api::all(self.client.clone());
+            let names = self
+                .namespaces
+                .lock()
+                .map(|n| n.clone())
+                .unwrap_or_default();
+            for ns in names {
+                let _ = api.delete(&ns, &DeleteParams::default()).await;
+            }
+            eprintln!("e2e: logs kept in {}", self.scratch.display());
+        }
+    }
+}
+
+/// A process of ours under test.
+pub struct Process {
+    child: Child,
+    pub log_path: PathBuf,
+}
+
+impl Process {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit. Returns whether it exited successfully.
+    pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<bool> {
+        let pid = self.pid().context("process already exited")?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => Ok(status?.success()),
+            Err(_) => {
+                self.child.kill().await?;
+                bail!(
+                    "process {pid} did not exit within {grace:?} of SIGTERM; log: {}",
+                    self.log_path.display()
+                )
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` saying `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A plain HTTP/1.1 GET on loopback: `(status, body)`. Enough for probes and /metrics.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP response without a status")?;
+    Ok((status, body.to_string()))
+}
+
+/// Reads every `*.yaml` in a directory (multi-document allowed), in file-name order.
+pub fn read_yaml_dir<T: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<Vec<T>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        out.extend(read_yaml_file(&file)?);
+    }
+    Ok(out)
+}
+
+/// Reads the documents of one YAML file.
+pub fn read_yaml_file<T: serde::de::DeserializeOwned>(file: &Path) -> anyhow::Result<Vec<T>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut out = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value = serde_norway::Value::deserialize(doc)
+            .with_context(|| format!("parsing {}", file.display()))?;
+        if value.is_null() {
+            continue;
+        }
+        out.push(
+            serde_norway::from_value(value)
+                .with_context(|| format!("decoding {}", file.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+use serde::Deserialize as _;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Binaries the tests start, with the crates they are built from.
+const BINARIES: &[(&str, &[&str])] = &[("fleetwarden-operator", &["operator", "crds"])];
+
+/// Checks that the binaries under test exist and are newer than their sources. Cargo holds the
+/// build directory lock while tests run, so the harness cannot build them itself.
+fn check_binaries(root: &Path) -> anyhow::Result<()> {
+    let fix = "build them first: cargo build --workspace --bins";
+    for (binary, crates) in BINARIES {
+        let path = target_dir(root).join("debug").join(binary);
+        let built = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(|_| anyhow!("{} is missing; {fix}", path.display()))?;
+        for krate in *crates {
+            if newest_source(&root.join(krate).join("src")).is_some_and(|t| t > built) {
+                bail!(
+                    "{} is older than the sources in {krate}/; {fix}",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest
+}

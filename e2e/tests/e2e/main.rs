@@ -1,0 +1,89 @@
+//! End-to-end tests against a real kube-apiserver. One control plane serves the whole run (see
+//! `e2e::Env`); each test gets its own namespace. Run with `cargo test -p e2e`; filter by name as
+//! with any cargo test (`cargo test -p e2e -- leader`).
+
+mod api;
+mod leader;
+
+use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
+
+use e2e::Env;
+use libtest_mimic::{Arguments, Trial};
+
+type TestFn = fn(Arc<Env>) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+macro_rules! tests {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        vec![$((concat!(stringify!($module), "::", stringify!($name)),
+            (|env| Box::pin($module::$name(env))) as TestFn)),*]
+    };
+}
+
+fn all_tests() -> Vec<(&'static str, TestFn)> {
+    tests![
+        api::crds_install_and_become_established,
+        api::examples_apply_with_kubectl,
+        api::invalid_objects_are_rejected_with_useful_messages,
+        api::status_is_written_by_server_side_apply_without_touching_spec,
+        api::status_writers_do_not_clobber_each_other,
+        leader::one_of_two_operators_leads_and_a_standby_takes_over_after_a_kill,
+        leader::sigterm_releases_the_lease_for_an_immediate_takeover,
+    ]
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let tests = all_tests();
+    if args.list {
+        let trials = tests
+            .into_iter()
+            .map(|(name, _)| Trial::test(name, || Ok(())))
+            .collect();
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("e2e: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
+    let env = match runtime.block_on(Env::start()) {
+        Ok(env) => Arc::new(env),
+        Err(e) => {
+            eprintln!("e2e: cannot set up the test cluster: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "e2e: cluster ready in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let handle = runtime.handle().clone();
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let env = env.clone();
+            let handle = handle.clone();
+            Trial::test(name, move || {
+                handle
+                    .block_on(test(env))
+                    .map_err(|e| format!("{e:#}").into())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+
+    match Arc::try_unwrap(env) {
+        Ok(env) => runtime.block_on(env.stop()),
+        Err(_) => eprintln!("e2e: a test still holds the environment; control plane left running"),
+    }
+    eprintln!("e2e: finished in {:.1}s", started.elapsed().as_secs_f64());
+    conclusion.exit_code()
+}
