@@ -58,11 +58,18 @@ pub fn build(
         .find(|c| c.type_ == desired.type_ && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| now.clone());
+    // An empty message would be stored as null by server-side apply on older API servers and
+    // then fail validation, so a condition always says something.
+    let message = if desired.message.is_empty() {
+        desired.reason.to_string()
+    } else {
+        desired.message
+    };
     Condition {
         type_: desired.type_.to_string(),
         status: status.to_string(),
         reason: desired.reason.to_string(),
-        message: desired.message,
+        message,
         observed_generation,
         last_transition_time,
     }
@@ -146,6 +153,17 @@ mod tests {
         );
         assert_eq!(second.last_transition_time, at(200));
         assert!(is_true(&[second], types::READY));
+    }
+
+    #[test]
+    fn a_condition_always_has_a_message() {
+        let c = build(
+            &[],
+            Desired::new(types::DEGRADED, false, "AsExpected", ""),
+            None,
+            &at(1),
+        );
+        assert_eq!(c.message, "AsExpected");
     }
 
     #[test]
