@@ -31,6 +31,10 @@ pub struct Config {
     #[arg(long, env = "FLEETWARDEN_LOG", default_value = "info")]
     pub log: String,
 
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "FLEETWARDEN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
     /// Name of the Lease used for leader election.
     #[arg(
         long,

@@ -3,20 +3,45 @@
 
 use std::sync::Arc;
 
-use kube::Client;
+use kube::{Api, Client, Resource, runtime::events::Reporter};
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, runner::ControllerTask};
+use crate::{device, metrics::Metrics, runner::ControllerTask};
 
 /// What every controller may use.
 #[derive(Clone)]
 pub struct Shared {
     pub client: Client,
     pub metrics: Arc<Metrics>,
+    /// Watch only this namespace; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// This replica's identity, reported on Events.
+    pub identity: String,
+}
+
+impl Shared {
+    /// An API handle scoped to the watched namespace(s).
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    pub fn reporter(&self, controller: &str) -> Reporter {
+        Reporter {
+            controller: format!("fleetwarden-operator/{controller}"),
+            instance: Some(self.identity.clone()),
+        }
+    }
 }
 
 /// Starts every controller; they stop when `shutdown` is cancelled.
 pub fn all(shared: &Shared, shutdown: &CancellationToken) -> Vec<ControllerTask> {
-    let _ = (shared, shutdown);
-    Vec::new()
+    vec![device::start(shared, shutdown)]
 }

@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod controllers;
+pub mod device;
+pub mod device_plan;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -18,6 +18,9 @@ use operator::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How long stopping controllers may take to finish in-flight reconciliations.
+const CONTROLLER_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -62,6 +65,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // this replica still writes.
     let elector_stop = CancellationToken::new();
     let (leading_tx, mut leading) = watch::channel(false);
+    let identity = leader_config.identity.clone();
     let elector = LeaderElector::new(client.clone(), leader_config);
     let ready_api = readiness.clone();
     let elector_task = tokio::spawn(elector.run(
@@ -73,6 +77,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Shared {
         client,
         metrics: metrics.clone(),
+        namespace: config.watch_namespace.clone(),
+        identity,
     };
     loop {
         tokio::select! {
@@ -92,8 +98,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             r = leading.wait_for(|l| !*l) => { let _ = r; false }
         };
         term.cancel();
-        if !finished {
-            run.await;
+        if !finished && tokio::time::timeout(CONTROLLER_DRAIN, run).await.is_err() {
+            tracing::warn!(
+                "controllers did not finish in-flight reconciliations within {CONTROLLER_DRAIN:?}; stopping anyway"
+            );
         }
         readiness.set_controllers_started(false);
         readiness.set_leader(false);

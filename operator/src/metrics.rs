@@ -21,6 +21,18 @@ pub struct ReconcileErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub resource: &'static str,
+    pub verb: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnrollmentLabels {
+    pub result: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -33,6 +45,11 @@ pub struct Metrics {
     pub reconciles: Family<ControllerLabels, Counter>,
     pub reconcile_errors: Family<ReconcileErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    /// Every write request the operator sends to the API server.
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub enrollments: Family<EnrollmentLabels, Counter>,
+    /// Devices whose certificate is inside its renewal window.
+    pub certificates_expiring: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,8 +102,29 @@ impl Metrics {
             "Time spent in one reconciliation",
             reconcile_duration.clone(),
         );
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "api_writes",
+            "Write requests sent to the Kubernetes API, by resource and verb",
+            api_writes.clone(),
+        );
+        let enrollments = Family::<EnrollmentLabels, Counter>::default();
+        registry.register(
+            "enrollments",
+            "Enrollment CSRs approved or denied, by policy reason",
+            enrollments.clone(),
+        );
+        let certificates_expiring = Gauge::default();
+        registry.register(
+            "certificates_expiring",
+            "Devices whose certificate is inside its renewal window",
+            certificates_expiring.clone(),
+        );
         Self {
             registry,
+            api_writes,
+            enrollments,
+            certificates_expiring,
             leader,
             leader_transitions,
             reconciles,
@@ -112,6 +150,21 @@ impl Metrics {
                 .get_or_create(&ReconcileErrorLabels { controller, error })
                 .inc();
         }
+    }
+
+    /// Counts one write request to the API server.
+    pub fn write(&self, resource: &'static str, verb: &'static str) {
+        self.api_writes
+            .get_or_create(&WriteLabels { resource, verb })
+            .inc();
+    }
+
+    /// Counts an enrollment verdict.
+    pub fn enrollment(&self, approved: bool, reason: &'static str) {
+        let result = if approved { "approved" } else { "denied" };
+        self.enrollments
+            .get_or_create(&EnrollmentLabels { result, reason })
+            .inc();
     }
 
     /// Registers further metrics (a controller's own) under the same prefix.
