@@ -6,6 +6,8 @@
 //! state directory and stops it at the end. With `FLEETWARDEN_E2E_EXISTING_CLUSTER=1` it uses
 //! the cluster `KUBECONFIG` points at instead and only removes the namespaces it created.
 
+pub mod issuer;
+
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -97,13 +99,17 @@ impl Env {
         Ok(env)
     }
 
-    /// Installs (or updates) the committed CRD YAML and waits until every CRD is Established.
+    /// Installs (or updates) the committed CRD YAML (ours, and the cert-manager subset the
+    /// test control plane lacks) and waits until every CRD is Established.
     pub async fn install_crds(&self) -> anyhow::Result<Vec<String>> {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let mut all =
+            read_yaml_dir::<CustomResourceDefinition>(&self.root.join("charts/fleetwarden/crds"))?;
+        all.extend(read_yaml_dir::<CustomResourceDefinition>(
+            &self.root.join("e2e/crds"),
+        )?);
         let mut names = Vec::new();
-        for crd in
-            read_yaml_dir::<CustomResourceDefinition>(&self.root.join("charts/fleetwarden/crds"))?
-        {
+        for crd in all {
             let name = crd.metadata.name.clone().context("CRD without a name")?;
             match api.create(&PostParams::default(), &crd).await {
                 Ok(_) => {}
@@ -128,6 +134,48 @@ impl Env {
         Ok(names)
     }
 
+    /// Starts an operator that watches only `ns` and elects its leader on a Lease there, and
+    /// waits until it leads.
+    pub async fn start_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
+        let operator = self.spawn_operator(ns, tag)?;
+        eventually(Duration::from_secs(20), "the operator to lead", || async {
+            Ok(
+                (operator.metric("fleetwarden_operator_leader").await.ok() == Some(1.0))
+                    .then_some(()),
+            )
+        })
+        .await
+        .with_context(|| format!("operator log:\n{}", operator.process.log()))?;
+        Ok(operator)
+    }
+
+    /// Like [`Env::start_operator`], without waiting for it to lead.
+    pub fn spawn_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let process = self.spawn(
+            "fleetwarden-operator",
+            &format!("{ns}-{tag}"),
+            &[
+                "--watch-namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--identity",
+                tag,
+                "--metrics-addr",
+                &addr,
+                "--lease-duration",
+                "6s",
+                "--renew-deadline",
+                "4s",
+                "--retry-period",
+                "1s",
+            ],
+        )?;
+        Ok(Operator { process, port })
+    }
+
     /// A fresh namespace for one test, removed when the run ends.
     pub async fn namespace(&self, test: &str) -> anyhow::Result<String> {
         let slug: String = test
@@ -141,9 +189,11 @@ impl Env {
             })
             .take(40)
             .collect();
+        // The process id keeps names unique across runs against the same cluster.
         let name = format!(
-            "e2e-{}-{}",
+            "e2e-{}-{}-{}",
             slug.trim_matches('-'),
+            std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
         let api: Api<Namespace> = Api::all(self.client.clone());
@@ -209,7 +259,10 @@ impl Env {
         let child = Command::new(self.binary(binary))
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("FLEETWARDEN_LOG", "info,kube=warn")
+            .env(
+                "FLEETWARDEN_LOG",
+                std::env::var("FLEETWARDEN_E2E_LOG").unwrap_or_else(|_| "info,kube=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -231,7 +284,11 @@ impl Env {
             if !matches!(status, Ok(s) if s.success()) {
                 eprintln!("e2e: control-plane.sh down failed: {status:?}");
             }
-            let _ = std::fs::remove_dir_all(&self.scratch);
+            if std::env::var_os("FLEETWARDEN_E2E_KEEP_LOGS").is_some() {
+                eprintln!("e2e: logs kept in {}", self.scratch.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&self.scratch);
+            }
         } else {
             let api: Api<Namespace> = Api::all(self.client.clone());
             let names = self
@@ -245,6 +302,35 @@ impl Env {
             eprintln!("e2e: logs kept in {}", self.scratch.display());
         }
     }
+}
+
+/// An operator process under test and its metrics port.
+pub struct Operator {
+    pub process: Process,
+    pub port: u16,
+}
+
+impl Operator {
+    /// Sum of every sample of a metric whose name (with labels) starts with `prefix`, e.g.
+    /// `fleetwarden_operator_api_writes_total` or
+    /// `fleetwarden_operator_enrollments_total{result="denied",reason="CaRequested"}`.
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let (status, body) = http_get(self.port, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(sum_metric(&body, prefix))
+    }
+}
+
+/// Sums the samples of an OpenMetrics text whose series starts with `prefix`.
+pub fn sum_metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A process of ours under test.
@@ -433,4 +519,19 @@ fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
         }
     }
     newest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_metric;
+
+    #[test]
+    fn metric_sums_select_whole_series_names() {
+        let text =
+            "# TYPE x counter\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3\nx_total_other 7\nx 1\n";
+        assert_eq!(sum_metric(text, "x_total"), 5.0);
+        assert_eq!(sum_metric(text, "x_total{a=\"2\"}"), 3.0);
+        assert_eq!(sum_metric(text, "x"), 1.0);
+        assert_eq!(sum_metric(text, "y"), 0.0);
+    }
 }

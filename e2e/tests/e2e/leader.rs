@@ -25,6 +25,8 @@ fn start_replica(env: &Env, ns: &str, id: &str) -> anyhow::Result<Replica> {
         &[
             "--identity",
             id,
+            "--watch-namespace",
+            ns,
             "--lease-name",
             "fleetwarden-operator",
             "--lease-namespace",

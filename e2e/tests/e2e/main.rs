@@ -3,6 +3,7 @@
 //! with any cargo test (`cargo test -p e2e -- leader`).
 
 mod api;
+mod identity;
 mod leader;
 
 use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
@@ -26,6 +27,13 @@ fn all_tests() -> Vec<(&'static str, TestFn)> {
         api::invalid_objects_are_rejected_with_useful_messages,
         api::status_is_written_by_server_side_apply_without_touching_spec,
         api::status_writers_do_not_clobber_each_other,
+        identity::a_device_enrolls_with_an_openssl_csr_and_renews,
+        identity::bad_csrs_are_denied_with_their_reasons,
+        identity::a_request_approved_by_someone_else_is_not_trusted,
+        identity::retire_and_delete_clean_up_every_owned_object,
+        identity::an_unchanged_enrolled_device_costs_zero_writes,
+        identity::an_operator_restarted_mid_enrollment_converges_without_duplicates,
+        identity::a_certificate_inside_its_renewal_window_is_flagged,
         leader::one_of_two_operators_leads_and_a_standby_takes_over_after_a_kill,
         leader::sigterm_releases_the_lease_for_an_immediate_takeover,
     ]
