@@ -318,9 +318,75 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, name: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/device/{name}")
 }
 
+/// A SPIFFE ID parsed back into the Device it names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Parses `spiffe://<trust-domain>/ns/<namespace>/device/<name>`; anything else is `None`.
+pub fn parse_spiffe_id(uri: &str) -> Option<DeviceId> {
+    let rest = uri.strip_prefix("spiffe://")?;
+    let (trust_domain, path) = rest.split_once('/')?;
+    let mut parts = path.split('/');
+    let (Some("ns"), Some(namespace), Some("device"), Some(name), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let valid = |s: &str| {
+        let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| alnum(b) || b == b'-' || b == b'.')
+            && s.bytes().next().is_some_and(alnum)
+            && s.bytes().last().is_some_and(alnum)
+    };
+    if trust_domain.is_empty() || !valid(namespace) || !valid(name) {
+        return None;
+    }
+    Some(DeviceId {
+        trust_domain: trust_domain.to_string(),
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spiffe_ids_parse_back_into_devices() {
+        let id = spiffe_id("fleet.example", "plant-a", "press-01");
+        assert_eq!(
+            parse_spiffe_id(&id),
+            Some(DeviceId {
+                trust_domain: "fleet.example".into(),
+                namespace: "plant-a".into(),
+                name: "press-01".into()
+            })
+        );
+        for bad in [
+            "https://fleet.example/ns/a/device/b",
+            "spiffe://fleet.example/ns/a/device/b/extra",
+            "spiffe://fleet.example/ns/a/workload/b",
+            "spiffe://fleet.example/ns//device/b",
+            "spiffe://fleet.example/ns/A/device/b",
+            "spiffe:///ns/a/device/b",
+            "spiffe://fleet.example/ns/a/device/../x",
+            "spiffe://fleet.example/ns/a/device/..",
+            "spiffe://fleet.example/ns/a/device/-b",
+        ] {
+            assert_eq!(parse_spiffe_id(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn spiffe_ids_name_namespace_and_device() {

@@ -8,14 +8,17 @@
 
 pub mod certmanager;
 pub mod common;
+pub mod compliance;
 pub mod conditions;
 pub mod csr_policy;
 pub mod device;
+pub mod enrollment_token;
 pub mod firmware;
 pub mod group;
 pub mod identity;
 pub mod rollout;
 mod schema;
+pub mod wire;
 
 pub use device::{Device, DeviceSpec, DeviceStatus};
 pub use group::{DeviceGroup, DeviceGroupSpec, DeviceGroupStatus};
