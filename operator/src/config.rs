@@ -5,7 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
-use crate::{leader::LeaderConfig, telemetry::LogFormat};
+use plumbing::telemetry::LogFormat;
+
+use crate::leader::LeaderConfig;
 
 #[derive(Parser, Debug, Clone)]
 #[command(

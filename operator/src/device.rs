@@ -118,6 +118,7 @@ impl OwnedStatus {
 const OWNED_CONDITIONS: &[&str] = &[
     conditions::types::READY,
     conditions::types::ENROLLED,
+    conditions::types::COMPLIANT,
     conditions::types::CERTIFICATE_EXPIRING,
     conditions::types::DEGRADED,
 ];

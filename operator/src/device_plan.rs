@@ -18,6 +18,7 @@ use crds::{
         self, Certificate, CertificatePrivateKey, CertificateRequest, CertificateRequestSpec,
         CertificateSpec, USAGE_CLIENT_AUTH, USAGE_DIGITAL_SIGNATURE,
     },
+    compliance,
     conditions::{Desired, types},
     csr_policy::{self, Policy},
     device::{DevicePhase, IdentityMode, IdentityStatus, Lifecycle},
@@ -237,7 +238,8 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
             identity: None,
             conditions: vec![
                 Desired::new(types::READY, false, "Retired", message.clone()),
-                Desired::new(types::ENROLLED, false, "Retired", message),
+                Desired::new(types::ENROLLED, false, "Retired", message.clone()),
+                Desired::new(types::COMPLIANT, false, "Retired", message),
                 Desired::new(
                     types::CERTIFICATE_EXPIRING,
                     false,
@@ -406,12 +408,52 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
         )
     });
 
+    // Compliance, judged on the status as it will be after this pass.
+    let compliant = match inp.group {
+        None => Desired::new(
+            types::COMPLIANT,
+            false,
+            "GroupNotFound",
+            "no DeviceGroup to take a policy from",
+        ),
+        Some(group) => {
+            let mut evaluated = status.clone();
+            evaluated.identity = enrollment.identity.clone();
+            let eval = compliance::evaluate(&evaluated, &group.spec, inp.now);
+            if let Some(t) = eval.next_change {
+                let secs = u64::try_from(t.as_second().saturating_sub(inp.now.as_second()).max(1))
+                    .unwrap_or(1);
+                let at = Duration::from_secs(secs);
+                plan.requeue_after = Some(plan.requeue_after.map_or(at, |r| r.min(at)));
+            }
+            Desired::new(
+                types::COMPLIANT,
+                eval.compliant(),
+                eval.reason(),
+                eval.message(),
+            )
+        }
+    };
+
     // Events on transitions only, so an unchanged Device produces none.
     let previous = |t: &str| {
         crds::conditions::find(&status.conditions, t).map(|c| (c.status.clone(), c.reason.clone()))
     };
     let became =
         |d: &Desired<'_>| previous(d.type_) != Some((status_str(d.status), d.reason.to_string()));
+    if let Some((was, _)) = previous(types::COMPLIANT)
+        && was != status_str(compliant.status)
+    {
+        plan.events.push(PlannedEvent {
+            warning: !compliant.status,
+            reason: if compliant.status {
+                "Compliant"
+            } else {
+                "NonCompliant"
+            },
+            note: compliant.message.clone(),
+        });
+    }
     if degraded.status && became(&degraded) {
         plan.events.push(PlannedEvent {
             warning: true,
@@ -451,7 +493,13 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
     plan.status = Some(StatusPlan {
         phase,
         identity: enrollment.identity,
-        conditions: vec![ready, enrollment.enrolled, expiring_condition, degraded],
+        conditions: vec![
+            ready,
+            enrollment.enrolled,
+            compliant,
+            expiring_condition,
+            degraded,
+        ],
     });
     plan
 }

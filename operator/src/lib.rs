@@ -6,11 +6,10 @@ pub mod config;
 pub mod controllers;
 pub mod device;
 pub mod device_plan;
-pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod readiness;
 pub mod runner;
-pub mod telemetry;
 
 /// Field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "fleetwarden-operator";

@@ -10,11 +10,12 @@ use kube::Client;
 use operator::{
     config::Config,
     controllers::{self, Shared},
-    http::{self, Readiness},
     leader::LeaderElector,
     metrics::Metrics,
-    runner, telemetry,
+    readiness::Readiness,
+    runner,
 };
+use plumbing::{health, telemetry};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -50,14 +51,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(plumbing::shutdown::watch_signals(
+        shutdown.clone(),
+        "stopping controllers and releasing the lease",
+    ));
 
-    let listener = http::bind(config.metrics_addr).await?;
+    let listener = health::bind(config.metrics_addr, "--metrics-addr").await?;
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(
+    let (m, r) = (metrics.clone(), readiness.clone());
+    let http_task = tokio::spawn(health::serve(
         listener,
-        metrics.clone(),
-        readiness.clone(),
+        Arc::new(move || m.encode()),
+        Arc::new(move || r.check().map_err(String::from)),
         http_stop.clone(),
     ));
 
@@ -93,9 +98,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         readiness.set_controllers_started(true);
         tracing::info!(controllers = tasks.len(), "leading: controllers started");
         let mut run = Box::pin(runner::run_all(tasks, term.clone()));
+        // Stop on lost leadership or shutdown; either way the controllers get CONTROLLER_DRAIN
+        // to finish what they are doing (a controller stopped before its first list completes
+        // would otherwise wait for a cache that never fills).
         let finished = tokio::select! {
             _ = &mut run => true,
             r = leading.wait_for(|l| !*l) => { let _ = r; false }
+            _ = shutdown.cancelled() => false,
         };
         term.cancel();
         if !finished && tokio::time::timeout(CONTROLLER_DRAIN, run).await.is_err() {
@@ -123,22 +132,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shut down cleanly");
     Ok(())
-}
-
-/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("shutdown requested; stopping controllers and releasing the lease");
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::warn!("second signal: exiting immediately");
-    std::process::exit(130);
 }
