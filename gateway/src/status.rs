@@ -1,0 +1,335 @@
+//! The Device status fields the gateway owns (`enrollment`, `reported`, `lastSeen`, `update`)
+//! and when they are written. Steady heartbeats must not become etcd writes: a check-in writes
+//! only when what the device reports changed, or when `lastSeen` is older than the configured
+//! interval. Every write is a server-side apply of all four fields under the
+//! `fleetwarden-gateway` field manager (applying fewer would delete the others).
+//!
+//! Writes for one device are serialised, and the last written value stands in for the watch
+//! cache while the cache still shows the version it was computed from, so back-to-back requests
+//! neither undo each other nor repeat a write. As soon as the cache moves (our write arrived, or
+//! another gateway replica wrote), the cache is trusted again.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crds::{
+    Device,
+    device::{DeviceStatus, EnrollmentStatus, ReportedState, UpdateProgress},
+};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+pub const FIELD_MANAGER: &str = "fleetwarden-gateway";
+
+/// How long a remembered write stands in for the cache at most.
+const MEMO_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Owned {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<EnrollmentStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported: Option<ReportedState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateProgress>,
+}
+
+impl Owned {
+    pub fn of(status: Option<&DeviceStatus>) -> Self {
+        let Some(s) = status else {
+            return Self::default();
+        };
+        Self {
+            enrollment: s.enrollment.clone(),
+            reported: s.reported.clone(),
+            last_seen: s.last_seen.clone(),
+            update: s.update.clone(),
+        }
+    }
+
+    fn seen_within(&self, now: Timestamp, interval: Duration) -> bool {
+        self.last_seen.as_ref().is_some_and(|t| {
+            now.duration_since(t.0)
+                .try_into()
+                .is_ok_and(|elapsed: Duration| elapsed < interval)
+        })
+    }
+}
+
+/// What a check-in changes, if anything.
+pub fn after_checkin(
+    current: &Owned,
+    reported: &ReportedState,
+    now: Timestamp,
+    interval: Duration,
+) -> Option<Owned> {
+    let changed = current.reported.as_ref() != Some(reported);
+    if !changed && current.seen_within(now, interval) {
+        return None;
+    }
+    Some(Owned {
+        reported: Some(reported.clone()),
+        last_seen: Some(Time(now)),
+        ..current.clone()
+    })
+}
+
+/// What an enrollment request changes: a new CSR is recorded, a repeated one (the device
+/// polling for its certificate) is not.
+pub fn after_enroll(current: &Owned, enrollment: EnrollmentStatus) -> Option<Owned> {
+    let same = current
+        .enrollment
+        .as_ref()
+        .is_some_and(|e| e.csr_sha256 == enrollment.csr_sha256 && e.method == enrollment.method);
+    if same {
+        return None;
+    }
+    Some(Owned {
+        enrollment: Some(enrollment),
+        ..current.clone()
+    })
+}
+
+/// What an update-progress report changes (the timestamp alone is not a change).
+pub fn after_update(
+    current: &Owned,
+    update: &UpdateProgress,
+    now: Timestamp,
+    interval: Duration,
+) -> Option<Owned> {
+    let same = current.update.as_ref().is_some_and(|u| {
+        u.rollout == update.rollout
+            && u.version == update.version
+            && u.state == update.state
+            && u.progress_percent == update.progress_percent
+            && u.message == update.message
+    });
+    if same && current.seen_within(now, interval) {
+        return None;
+    }
+    Some(Owned {
+        update: Some(if same {
+            current.update.clone().unwrap_or_else(|| update.clone())
+        } else {
+            update.clone()
+        }),
+        last_seen: Some(Time(now)),
+        ..current.clone()
+    })
+}
+
+/// The last write for a device: the resourceVersion it was computed from, when, and what.
+type Slot = Arc<tokio::sync::Mutex<Option<(Option<String>, Instant, Owned)>>>;
+
+/// Serialises and remembers the gateway's status writes, per device.
+#[derive(Clone)]
+pub struct Writer {
+    client: Client,
+    slots: Arc<Mutex<HashMap<String, Slot>>>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing the status of device {device}: {source}")]
+pub struct WriteError {
+    device: String,
+    #[source]
+    source: kube::Error,
+}
+
+impl Writer {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            slots: Arc::default(),
+            metrics,
+        }
+    }
+
+    fn slot(&self, uid: &str) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(uid.to_string()).or_default().clone()
+    }
+
+    /// Computes the change from the freshest view of the device (the cache, or our own last
+    /// write if the cache has not shown it yet) and applies it. Returns whether it wrote.
+    pub async fn update(
+        &self,
+        device: &Device,
+        kind: &'static str,
+        change: impl FnOnce(&Owned) -> Option<Owned>,
+    ) -> Result<bool, WriteError> {
+        let uid = device.uid().unwrap_or_default();
+        let slot = self.slot(&uid);
+        let mut memo = slot.lock().await;
+        let cached = Owned::of(device.status.as_ref());
+        let rv = device.resource_version();
+        let current = match memo.as_ref() {
+            Some((from, at, written)) if *from == rv && at.elapsed() < MEMO_TTL => written.clone(),
+            _ => {
+                // The cache has caught up (or the memo is old): drop the copy.
+                *memo = None;
+                cached
+            }
+        };
+        let Some(next) = change(&current) else {
+            return Ok(false);
+        };
+        let body = serde_json::json!({
+            "apiVersion": "fleetwarden.io/v1alpha1",
+            "kind": "Device",
+            "status": next,
+        });
+        let ns = device.namespace().unwrap_or_default();
+        let api: Api<Device> = Api::namespaced(self.client.clone(), &ns);
+        self.metrics.status_write(kind);
+        api.patch_status(
+            &device.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| WriteError {
+            device: format!("{ns}/{}", device.name_any()),
+            source,
+        })?;
+        *memo = Some((rv, Instant::now(), next));
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::device::{BootSlot, EnrollmentMethod, UpdateState};
+
+    const FIVE_MIN: Duration = Duration::from_secs(300);
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn reported(fw: &str) -> ReportedState {
+        ReportedState {
+            firmware_version: Some(fw.into()),
+            security_version: Some(12),
+            boot_slot: Some(BootSlot::A),
+            ..ReportedState::default()
+        }
+    }
+
+    #[test]
+    fn steady_heartbeats_write_only_once_per_interval() {
+        let first = after_checkin(
+            &Owned::default(),
+            &reported("4.1.3"),
+            t("2026-11-25T12:00:00Z"),
+            FIVE_MIN,
+        )
+        .expect("the first check-in records what the device reports");
+        // Same report within the interval: nothing to write.
+        for secs in [1, 60, 299] {
+            let now = t("2026-11-25T12:00:00Z") + jiff::SignedDuration::from_secs(secs);
+            assert_eq!(
+                after_checkin(&first, &reported("4.1.3"), now, FIVE_MIN),
+                None,
+                "{secs}s"
+            );
+        }
+        // After the interval, lastSeen is refreshed.
+        let later = after_checkin(
+            &first,
+            &reported("4.1.3"),
+            t("2026-11-25T12:05:00Z"),
+            FIVE_MIN,
+        )
+        .unwrap();
+        assert_eq!(later.last_seen, Some(Time(t("2026-11-25T12:05:00Z"))));
+        assert_eq!(later.reported, first.reported);
+    }
+
+    #[test]
+    fn a_changed_report_is_written_at_once() {
+        let first = after_checkin(
+            &Owned::default(),
+            &reported("4.1.3"),
+            t("2026-11-25T12:00:00Z"),
+            FIVE_MIN,
+        )
+        .unwrap();
+        let next = after_checkin(
+            &first,
+            &reported("4.2.0"),
+            t("2026-11-25T12:00:01Z"),
+            FIVE_MIN,
+        )
+        .unwrap();
+        assert_eq!(
+            next.reported.unwrap().firmware_version.as_deref(),
+            Some("4.2.0")
+        );
+    }
+
+    #[test]
+    fn every_write_carries_all_gateway_fields() {
+        let enrollment = EnrollmentStatus {
+            csr: "csr".into(),
+            csr_sha256: "ab".repeat(32),
+            method: EnrollmentMethod::Token,
+            requested_at: Time(t("2026-11-25T11:00:00Z")),
+        };
+        let enrolled = after_enroll(&Owned::default(), enrollment.clone()).unwrap();
+        let checked_in = after_checkin(
+            &enrolled,
+            &reported("4.1.3"),
+            t("2026-11-25T12:00:00Z"),
+            FIVE_MIN,
+        )
+        .unwrap();
+        assert_eq!(
+            checked_in.enrollment,
+            Some(enrollment.clone()),
+            "a check-in must not drop the enrollment"
+        );
+        // Polling with the same CSR is not a change.
+        assert_eq!(after_enroll(&checked_in, enrollment), None);
+    }
+
+    #[test]
+    fn update_reports_write_on_progress_not_on_repetition() {
+        let now = t("2026-11-25T12:00:00Z");
+        let base = after_checkin(&Owned::default(), &reported("4.1.3"), now, FIVE_MIN).unwrap();
+        let progress = |pct| UpdateProgress {
+            rollout: "r".into(),
+            version: "4.2.0".into(),
+            state: UpdateState::Downloading,
+            progress_percent: Some(pct),
+            message: None,
+            updated_at: Time(now),
+        };
+        let a = after_update(&base, &progress(10), now, FIVE_MIN).unwrap();
+        assert_eq!(
+            after_update(
+                &a,
+                &progress(10),
+                now + jiff::SignedDuration::from_secs(5),
+                FIVE_MIN
+            ),
+            None
+        );
+        assert!(after_update(&a, &progress(50), now, FIVE_MIN).is_some());
+    }
+}
