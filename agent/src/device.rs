@@ -1,0 +1,238 @@
+//! One device's life with the gateway: generate a key locally, enroll (token or manufacturer
+//! certificate), check in, and renew with a fresh key before the certificate expires. The key
+//! never leaves the device; only CSRs do. Used by the single-device agent (with its state on
+//! disk) and by the simulator (thousands of these in one process, in memory).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use crds::wire::{CheckInResponse, ReportedState, UpdateReport};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+
+use crate::client::{CallError, Endpoint, Enrollment, GatewayClient, Identity};
+
+/// Who the device is.
+#[derive(Clone, Debug)]
+pub struct Name {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Name {
+    pub fn spiffe_id(&self) -> String {
+        crds::device::spiffe_id(&self.trust_domain, &self.namespace, &self.name)
+    }
+}
+
+/// How the device proves it may enroll the first time.
+#[derive(Clone)]
+pub enum Credential {
+    Token(String),
+    /// Manufacturer certificate and key.
+    Manufacturer(Identity),
+}
+
+/// Where a device keeps its key and certificate. `None` keeps them in memory (simulator).
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub dir: Option<PathBuf>,
+}
+
+impl Storage {
+    fn path(&self, file: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(file))
+    }
+
+    fn read(&self, file: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(file)?).ok()
+    }
+
+    /// Writes a file readable by the owner only (keys).
+    fn write_private(&self, file: &str, contents: &str) -> anyhow::Result<()> {
+        let Some(path) = self.path(file) else {
+            return Ok(());
+        };
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+pub struct Device {
+    pub name: Name,
+    endpoint: Endpoint,
+    storage: Storage,
+    key_pem: String,
+    identity: Option<Identity>,
+    client: Option<GatewayClient>,
+    /// Longest time to wait for a certificate to be issued.
+    pub issue_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("the certificate was not issued within {0:?}")]
+    IssueTimeout(Duration),
+    #[error("not enrolled")]
+    NotEnrolled,
+    #[error("{0:#}")]
+    Local(#[from] anyhow::Error),
+}
+
+impl DeviceError {
+    pub fn reason(&self) -> String {
+        match self {
+            DeviceError::Call(c) => c.reason(),
+            DeviceError::IssueTimeout(_) => "IssueTimeout".into(),
+            DeviceError::NotEnrolled => "NotEnrolled".into(),
+            DeviceError::Local(_) => "Local".into(),
+        }
+    }
+}
+
+/// A new P-256 key, generated here.
+fn new_key() -> anyhow::Result<String> {
+    Ok(KeyPair::generate()?.serialize_pem())
+}
+
+impl Device {
+    /// Loads the device's key and certificate from storage, generating a key if there is none.
+    pub fn load(name: Name, endpoint: Endpoint, storage: Storage) -> anyhow::Result<Self> {
+        let key_pem = match storage.read("key.pem") {
+            Some(k) => k,
+            None => {
+                let k = new_key()?;
+                storage.write_private("key.pem", &k)?;
+                k
+            }
+        };
+        let identity = storage.read("cert.pem").map(|chain_pem| Identity {
+            chain_pem,
+            key_pem: key_pem.clone(),
+        });
+        let client = identity
+            .as_ref()
+            .map(|id| GatewayClient::new(&endpoint, Some(id)))
+            .transpose()?;
+        Ok(Self {
+            name,
+            endpoint,
+            storage,
+            key_pem,
+            identity,
+            client,
+            issue_timeout: Duration::from_secs(600),
+        })
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// The current certificate chain (PEM), once enrolled.
+    pub fn certificate(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.chain_pem.as_str())
+    }
+
+    /// A CSR for `key_pem` naming this device (CN = name, URI SAN = SPIFFE ID).
+    pub fn csr(&self, key_pem: &str) -> anyhow::Result<String> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, self.name.name.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(self.name.spiffe_id().try_into()?)];
+        Ok(params.serialize_request(&key)?.pem()?)
+    }
+
+    async fn await_issue<F, Fut>(&self, mut ask: F) -> Result<String, DeviceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Enrollment, CallError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.issue_timeout;
+        loop {
+            match ask().await? {
+                Enrollment::Issued(chain) => return Ok(chain),
+                Enrollment::Pending(wait) => {
+                    if tokio::time::Instant::now() + wait > deadline {
+                        return Err(DeviceError::IssueTimeout(self.issue_timeout));
+                    }
+                    // Polls sooner than the hint near the start: issuance is usually fast.
+                    tokio::time::sleep(wait.min(Duration::from_millis(500))).await;
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, chain_pem: String, key_pem: String) -> anyhow::Result<()> {
+        self.storage.write_private("key.pem", &key_pem)?;
+        self.storage.write_private("cert.pem", &chain_pem)?;
+        let identity = Identity {
+            chain_pem,
+            key_pem: key_pem.clone(),
+        };
+        self.client = Some(GatewayClient::new(&self.endpoint, Some(&identity))?);
+        self.identity = Some(identity);
+        self.key_pem = key_pem;
+        Ok(())
+    }
+
+    /// First enrollment. Waits (polling) until the certificate is issued.
+    pub async fn enroll(&mut self, credential: &Credential) -> Result<(), DeviceError> {
+        let csr = self.csr(&self.key_pem)?;
+        let (client, token) = match credential {
+            Credential::Token(t) => (GatewayClient::new(&self.endpoint, None)?, Some(t.clone())),
+            Credential::Manufacturer(id) => (GatewayClient::new(&self.endpoint, Some(id))?, None),
+        };
+        let chain = self
+            .await_issue(|| client.simple_enroll(&csr, token.as_deref()))
+            .await?;
+        let key = self.key_pem.clone();
+        self.adopt(chain, key)?;
+        Ok(())
+    }
+
+    /// Renewal: a fresh key, a CSR authenticated by the current certificate, and the switch once
+    /// the new certificate is issued. The old key is kept until then.
+    pub async fn renew(&mut self) -> Result<(), DeviceError> {
+        let client = self.client.clone().ok_or(DeviceError::NotEnrolled)?;
+        let next_key = new_key()?;
+        self.storage.write_private("next-key.pem", &next_key)?;
+        let csr = self.csr(&next_key)?;
+        let chain = self.await_issue(|| client.simple_reenroll(&csr)).await?;
+        self.adopt(chain, next_key)?;
+        if let Some(p) = self.storage.path("next-key.pem") {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    pub async fn check_in(&self, report: &ReportedState) -> Result<CheckInResponse, DeviceError> {
+        let client = self.client.as_ref().ok_or(DeviceError::NotEnrolled)?;
+        Ok(client.check_in(report).await?)
+    }
+
+    pub async fn report(&self, report: &UpdateReport) -> Result<(), DeviceError> {
+        let client = self.client.as_ref().ok_or(DeviceError::NotEnrolled)?;
+        Ok(client.report(report).await?)
+    }
+}
+
+/// Whether it is time to renew, given the gateway's `renewAfter`.
+pub fn renewal_due(answer: &CheckInResponse, now: jiff::Timestamp) -> bool {
+    answer.renew_after.is_some_and(|t| now >= t)
+}

@@ -1,0 +1,258 @@
+//! `fleetwarden-agent`:
+//!
+//! - `run`: one device. Keeps its key (mode 0600) and certificate in `--state-dir`, enrolls with
+//!   a token or a manufacturer certificate, checks in on the interval the gateway asks for, and
+//!   renews with a new key when the gateway says it is time.
+//! - `simulate`: many virtual devices in one process (see `agent::simulate`), printing a JSON
+//!   report of what it measured.
+
+use std::{path::PathBuf, time::Duration};
+
+use agent::{
+    client::{Endpoint, Identity},
+    device::{Credential, Device, Name, Storage, renewal_due},
+    simulate::{self, Plan, SimDevice},
+};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use crds::wire::ReportedState;
+use plumbing::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetwarden-agent",
+    version,
+    about = "Fleetwarden device agent and fleet simulator"
+)]
+struct Cli {
+    #[arg(
+        long,
+        env = "FLEETWARDEN_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[arg(long, env = "FLEETWARDEN_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct GatewayArgs {
+    /// Gateway base URL, e.g. https://gateway.fleet.example:8443
+    #[arg(long, env = "FLEETWARDEN_GATEWAY")]
+    gateway: String,
+    /// PEM CA bundle that signs the gateway's certificate.
+    #[arg(long, env = "FLEETWARDEN_GATEWAY_CA")]
+    gateway_ca: PathBuf,
+    /// SPIFFE trust domain of the device certificates.
+    #[arg(long, env = "FLEETWARDEN_TRUST_DOMAIN")]
+    trust_domain: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one device.
+    Run {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        /// Where the key, certificate and firmware state live.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Single-use enrollment token (first enrollment).
+        #[arg(
+            long,
+            env = "FLEETWARDEN_ENROLLMENT_TOKEN",
+            conflicts_with = "idevid_cert"
+        )]
+        token: Option<String>,
+        /// Manufacturer certificate (PEM) for the first enrollment, with --idevid-key.
+        #[arg(long, requires = "idevid_key")]
+        idevid_cert: Option<PathBuf>,
+        #[arg(long)]
+        idevid_key: Option<PathBuf>,
+        #[arg(long, default_value = "0.0.0")]
+        firmware_version: String,
+        #[arg(long, default_value_t = 0)]
+        security_version: i64,
+        #[arg(long)]
+        location: Option<String>,
+        /// Enroll, check in once, print the answer and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Run many virtual devices.
+    Simulate {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// JSON list of {namespace, name, token}.
+        #[arg(long)]
+        devices: PathBuf,
+        /// How long each device keeps checking in after it enrolled.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Check-in interval, instead of the one the gateway asks for.
+        #[arg(long, value_parser = parse_duration)]
+        check_in_interval: Option<Duration>,
+        #[arg(long, default_value_t = 64)]
+        enroll_concurrency: usize,
+        /// Share of check-ins that report a changed state (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        report_change_rate: f64,
+        #[arg(long, default_value = "4.1.3")]
+        firmware_version: String,
+        #[arg(long, default_value_t = 12)]
+        security_version: i64,
+        #[arg(long)]
+        location: Option<String>,
+        /// Print progress every 5 seconds.
+        #[arg(long)]
+        progress: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<crds::common::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
+}
+
+fn endpoint(args: &GatewayArgs) -> anyhow::Result<Endpoint> {
+    let ca = std::fs::read_to_string(&args.gateway_ca)
+        .with_context(|| format!("cannot read --gateway-ca {}", args.gateway_ca.display()))?;
+    Endpoint::new(&args.gateway, &ca)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, &cli.log)?;
+    match cli.command {
+        Command::Run {
+            gateway,
+            namespace,
+            name,
+            state_dir,
+            token,
+            idevid_cert,
+            idevid_key,
+            firmware_version,
+            security_version,
+            location,
+            once,
+        } => {
+            std::fs::create_dir_all(&state_dir)
+                .with_context(|| format!("cannot create --state-dir {}", state_dir.display()))?;
+            let name = Name {
+                trust_domain: gateway.trust_domain.clone(),
+                namespace,
+                name,
+            };
+            let mut device = Device::load(
+                name,
+                endpoint(&gateway)?,
+                Storage {
+                    dir: Some(state_dir),
+                },
+            )?;
+            if !device.is_enrolled() {
+                let credential = match (token, idevid_cert, idevid_key) {
+                    (Some(t), _, _) => Credential::Token(t),
+                    (None, Some(cert), Some(key)) => Credential::Manufacturer(Identity {
+                        chain_pem: std::fs::read_to_string(&cert).with_context(|| {
+                            format!("cannot read --idevid-cert {}", cert.display())
+                        })?,
+                        key_pem: std::fs::read_to_string(&key).with_context(|| {
+                            format!("cannot read --idevid-key {}", key.display())
+                        })?,
+                    }),
+                    _ => anyhow::bail!(
+                        "not enrolled yet: pass --token or --idevid-cert and --idevid-key for the first enrollment"
+                    ),
+                };
+                tracing::info!(device = %device.name.spiffe_id(), "enrolling");
+                device.enroll(&credential).await?;
+                tracing::info!("enrolled");
+            }
+            let report = ReportedState {
+                firmware_version: Some(firmware_version),
+                security_version: Some(security_version),
+                location,
+                agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                ..ReportedState::default()
+            };
+            loop {
+                match device.check_in(&report).await {
+                    Ok(answer) => {
+                        if once {
+                            println!("{}", serde_json::to_string_pretty(&answer)?);
+                            return Ok(());
+                        }
+                        if renewal_due(&answer, jiff::Timestamp::now()) {
+                            tracing::info!("renewing the certificate with a new key");
+                            if let Err(e) = device.renew().await {
+                                tracing::warn!(error = %e, "renewal failed; retrying at the next check-in");
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_secs(
+                            answer.check_in_interval_seconds.max(1),
+                        ))
+                        .await;
+                    }
+                    Err(e) => {
+                        if once {
+                            return Err(e.into());
+                        }
+                        tracing::warn!(error = %e, "check-in failed");
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                }
+            }
+        }
+        Command::Simulate {
+            gateway,
+            devices,
+            duration,
+            check_in_interval,
+            enroll_concurrency,
+            report_change_rate,
+            firmware_version,
+            security_version,
+            location,
+            progress,
+        } => {
+            let list: Vec<SimDevice> = serde_json::from_slice(
+                &std::fs::read(&devices)
+                    .with_context(|| format!("cannot read --devices {}", devices.display()))?,
+            )
+            .with_context(|| {
+                format!(
+                    "{} is not a JSON list of {{namespace, name, token}}",
+                    devices.display()
+                )
+            })?;
+            let report = simulate::run(Plan {
+                endpoint: endpoint(&gateway)?,
+                trust_domain: gateway.trust_domain,
+                devices: list,
+                duration,
+                check_in_interval,
+                enroll_concurrency,
+                report_change_rate,
+                firmware_version,
+                security_version,
+                location,
+                progress,
+            })
+            .await;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}

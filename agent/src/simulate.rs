@@ -1,0 +1,259 @@
+//! Many virtual devices in one process, sharing one runtime: each generates its own key, enrolls
+//! with its own token, and checks in over its own mutual-TLS connection, exactly as a real agent
+//! would. Used for demos, end-to-end tests and benchmarks; prints what it measured.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crds::wire::ReportedState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::{
+    client::Endpoint,
+    device::{Credential, Device, Name, Storage},
+};
+
+/// One virtual device, as the provisioning step hands them out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SimDevice {
+    pub namespace: String,
+    pub name: String,
+    pub token: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub endpoint: Endpoint,
+    pub trust_domain: String,
+    pub devices: Vec<SimDevice>,
+    /// How long each device keeps checking in after it enrolled.
+    pub duration: Duration,
+    /// Overrides the interval the gateway asks for.
+    pub check_in_interval: Option<Duration>,
+    /// Enrollments in flight at once.
+    pub enroll_concurrency: usize,
+    /// Probability that a check-in reports something new (a different agent version).
+    pub report_change_rate: f64,
+    pub firmware_version: String,
+    pub security_version: i64,
+    pub location: Option<String>,
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub devices: usize,
+    pub enrolled: usize,
+    pub enroll_p50_ms: f64,
+    pub enroll_p99_ms: f64,
+    pub enroll_errors: BTreeMap<String, usize>,
+    pub checkins: usize,
+    pub checkin_errors: BTreeMap<String, usize>,
+    pub checkin_p50_ms: f64,
+    pub checkin_p99_ms: f64,
+    /// Check-ins per second over the check-in phase (first to last check-in).
+    pub checkins_per_second: f64,
+    pub restricted_answers: usize,
+    pub wall_seconds: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    enrolled: usize,
+    enroll_ms: Vec<f64>,
+    enroll_errors: BTreeMap<String, usize>,
+    checkin_ms: Vec<f64>,
+    checkin_errors: BTreeMap<String, usize>,
+    restricted: usize,
+    first_checkin: Option<Instant>,
+    last_checkin: Option<Instant>,
+}
+
+/// A tiny deterministic generator per device (no shared RNG, no extra dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let i = ((values.len() as f64 - 1.0) * p).round() as usize;
+    values[i.min(values.len() - 1)]
+}
+
+pub async fn run(plan: Plan) -> Report {
+    let started = Instant::now();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let enroll_slots = Arc::new(Semaphore::new(plan.enroll_concurrency.max(1)));
+    let plan = Arc::new(plan);
+    let progress = plan.progress.then(|| {
+        let tally = tally.clone();
+        let total = plan.devices.len();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if let Ok(t) = tally.lock() {
+                    let errors: usize = t
+                        .enroll_errors
+                        .values()
+                        .chain(t.checkin_errors.values())
+                        .sum();
+                    eprintln!(
+                        "simulate: {}/{total} enrolled, {} check-ins, {errors} errors, {:.0}s",
+                        t.enrolled,
+                        t.checkin_ms.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        })
+    });
+
+    let mut tasks = Vec::with_capacity(plan.devices.len());
+    for (index, sim) in plan.devices.iter().cloned().enumerate() {
+        let (plan, tally, slots) = (plan.clone(), tally.clone(), enroll_slots.clone());
+        tasks.push(tokio::spawn(async move {
+            simulate_one(index, sim, &plan, &tally, &slots).await;
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+
+    let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
+    let phase = match (t.first_checkin, t.last_checkin) {
+        (Some(a), Some(b)) if b > a => b.duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    Report {
+        devices: plan.devices.len(),
+        enrolled: t.enrolled,
+        enroll_p50_ms: percentile(&mut t.enroll_ms, 0.50),
+        enroll_p99_ms: percentile(&mut t.enroll_ms, 0.99),
+        enroll_errors: t.enroll_errors,
+        checkins: t.checkin_ms.len(),
+        checkin_errors: t.checkin_errors,
+        checkin_p50_ms: percentile(&mut t.checkin_ms, 0.50),
+        checkin_p99_ms: percentile(&mut t.checkin_ms, 0.99),
+        checkins_per_second: if phase > 0.0 {
+            t.checkin_ms.len() as f64 / phase
+        } else {
+            0.0
+        },
+        restricted_answers: t.restricted,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+async fn simulate_one(
+    index: usize,
+    sim: SimDevice,
+    plan: &Plan,
+    tally: &Mutex<Tally>,
+    slots: &Semaphore,
+) {
+    let bump =
+        |map: &mut BTreeMap<String, usize>, reason: String| *map.entry(reason).or_default() += 1;
+    let name = Name {
+        trust_domain: plan.trust_domain.clone(),
+        namespace: sim.namespace.clone(),
+        name: sim.name.clone(),
+    };
+    let mut device = match Device::load(name, plan.endpoint.clone(), Storage { dir: None }) {
+        Ok(d) => d,
+        Err(e) => {
+            if let Ok(mut t) = tally.lock() {
+                bump(&mut t.enroll_errors, format!("Local: {e}"));
+            }
+            return;
+        }
+    };
+    let enrolled = {
+        let _slot = slots.acquire().await;
+        let start = Instant::now();
+        let result = device.enroll(&Credential::Token(sim.token.clone())).await;
+        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                t.enrolled += 1;
+                t.enroll_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(device = %sim.name, error = %e, "enrollment failed");
+                bump(&mut t.enroll_errors, e.reason());
+                false
+            }
+        }
+    };
+    if !enrolled {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + plan.duration;
+
+    let mut rng = Rng::new(index as u64 + 1);
+    let mut report = ReportedState {
+        firmware_version: Some(plan.firmware_version.clone()),
+        security_version: Some(plan.security_version),
+        location: plan.location.clone(),
+        agent_version: Some("sim-1".into()),
+        ..ReportedState::default()
+    };
+    // Until the gateway names an interval, assume a short one: the first check-in follows the
+    // enrollment closely, spread out so a mass enrollment does not become a thundering herd.
+    let mut interval = plan.check_in_interval.unwrap_or(Duration::from_secs(5));
+    let first = interval.mul_f64(rng.next_f64());
+    tokio::time::sleep_until((tokio::time::Instant::now() + first).min(deadline)).await;
+    let mut generation = 1u64;
+    while tokio::time::Instant::now() < deadline {
+        if rng.next_f64() < plan.report_change_rate {
+            generation += 1;
+            report.agent_version = Some(format!("sim-{generation}"));
+        }
+        let start = Instant::now();
+        let result = device.check_in(&report).await;
+        let took = start.elapsed();
+        {
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            match &result {
+                Ok(answer) => {
+                    t.checkin_ms.push(took.as_secs_f64() * 1000.0);
+                    if answer.scope == crds::wire::Scope::Restricted {
+                        t.restricted += 1;
+                    }
+                    t.first_checkin.get_or_insert(start);
+                    t.last_checkin = Some(Instant::now());
+                }
+                Err(e) => bump(&mut t.checkin_errors, e.reason()),
+            }
+        }
+        if let Ok(answer) = &result
+            && plan.check_in_interval.is_none()
+        {
+            interval = Duration::from_secs(answer.check_in_interval_seconds.max(1));
+        }
+        tokio::time::sleep_until((tokio::time::Instant::now() + interval).min(deadline)).await;
+    }
+}
