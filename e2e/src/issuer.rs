@@ -7,7 +7,7 @@
 //! It polls its namespace every 100 ms; that is plenty for tests and keeps it simple.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -24,6 +24,7 @@ use crds::{
     },
     common::{IssuerKind, IssuerRef},
 };
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
@@ -32,7 +33,12 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -50,11 +56,34 @@ pub struct TestIssuer {
     pub name: String,
     /// PEM of the CA that signs everything.
     pub ca_pem: String,
+    ca: Arc<Ca>,
     paused: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
 impl TestIssuer {
+    /// Signs a certificate for `uri` directly with this issuer's CA, valid from `not_before` to
+    /// `not_after` (seconds relative to now): for tests that need certificates the fleet CA
+    /// issued but Fleetwarden never recorded. Returns (certificate PEM, key PEM).
+    pub fn issue(
+        &self,
+        uri: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(not_before);
+        params.not_after = now + time::Duration::seconds(not_after);
+        Ok((
+            params.signed_by(&key, &self.ca.issuer)?.pem(),
+            key.serialize_pem(),
+        ))
+    }
+
     /// Stops signing (approved requests wait), like an issuer that is down.
     pub fn pause(&self) {
         self.paused.store(true, Ordering::Relaxed);
@@ -97,30 +126,59 @@ pub fn start(client: Client, namespace: &str, name: &str) -> anyhow::Result<Test
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let pem = params.self_signed(&key)?.pem();
-    let ca = Ca {
+    let ca = Arc::new(Ca {
         issuer: Issuer::new(params, key),
         pem: pem.clone(),
-    };
+    });
+    let task_ca = ca.clone();
     let ns = namespace.to_string();
     let issuer_name = name.to_string();
     let paused = Arc::new(AtomicBool::new(false));
     let is_paused = paused.clone();
     let task = tokio::spawn(async move {
-        let mut keys: HashMap<String, KeyPair> = HashMap::new();
+        let (requests, requests_writer) = reflector::store();
+        let (certificates, certificates_writer) = reflector::store();
+        let watch_requests = watcher(
+            Api::<CertificateRequest>::namespaced(client.clone(), &ns),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(requests_writer)
+        .for_each(|_| futures::future::ready(()));
+        let watch_certificates = watcher(
+            Api::<Certificate>::namespaced(client.clone(), &ns),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(certificates_writer)
+        .for_each(|_| futures::future::ready(()));
+        tokio::spawn(watch_requests);
+        tokio::spawn(watch_certificates);
+        let mut work = Work::default();
         loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             if is_paused.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            if let Err(e) = pass(&client, &ns, &issuer_name, &ca, &mut keys).await {
+            if let Err(e) = pass(
+                &client,
+                &ns,
+                &issuer_name,
+                &task_ca,
+                &requests,
+                &certificates,
+                &mut work,
+            )
+            .await
+            {
                 eprintln!("e2e issuer {ns}/{issuer_name}: {e:#}");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     Ok(TestIssuer {
         name: name.to_string(),
         ca_pem: pem,
+        ca,
         paused,
         task,
     })
@@ -130,30 +188,49 @@ fn ours(r: &IssuerRef, name: &str) -> bool {
     r.name == name && r.group == ISSUER_GROUP && r.kind == IssuerKind::Issuer
 }
 
+/// What the issuer has done, so a stale cache never makes it act twice.
+#[derive(Default)]
+struct Work {
+    /// CertificateRequests (by uid) signed or failed.
+    answered: HashSet<String>,
+    /// Certificates (by uid) whose Secret was written.
+    stored: HashSet<String>,
+    /// Certificate name -> the key generated for it.
+    keys: HashMap<String, KeyPair>,
+}
+
 async fn pass(
     client: &Client,
     ns: &str,
     name: &str,
     ca: &Ca,
-    keys: &mut HashMap<String, KeyPair>,
+    requests: &Store<CertificateRequest>,
+    certificates: &Store<Certificate>,
+    work: &mut Work,
 ) -> anyhow::Result<()> {
-    let requests: Api<CertificateRequest> = Api::namespaced(client.clone(), ns);
-    let certificates: Api<Certificate> = Api::namespaced(client.clone(), ns);
-    let all_requests = requests.list(&ListParams::default()).await?.items;
+    let api: Api<CertificateRequest> = Api::namespaced(client.clone(), ns);
+    let all_requests: Vec<CertificateRequest> =
+        requests.state().iter().map(|r| (**r).clone()).collect();
     for cr in all_requests
         .iter()
         .filter(|cr| ours(&cr.spec.issuer_ref, name))
     {
-        sign_if_approved(&requests, cr, ca).await?;
+        let uid = cr.uid().unwrap_or_default();
+        if !work.answered.contains(&uid) && sign_if_approved(&api, cr, ca).await? {
+            work.answered.insert(uid);
+        }
     }
     for cert in certificates
-        .list(&ListParams::default())
-        .await?
-        .items
+        .state()
         .iter()
         .filter(|c| ours(&c.spec.issuer_ref, name))
     {
-        manage_certificate(client, ns, cert, &all_requests, keys, ca).await?;
+        let uid = cert.uid().unwrap_or_default();
+        if !work.stored.contains(&uid)
+            && manage_certificate(client, ns, cert, &all_requests, &mut work.keys, ca).await?
+        {
+            work.stored.insert(uid);
+        }
     }
     Ok(())
 }
@@ -181,14 +258,15 @@ async fn set_status(
     Ok(())
 }
 
+/// Answers a request that has a verdict; `Ok(true)` when it wrote the answer.
 async fn sign_if_approved(
     api: &Api<CertificateRequest>,
     cr: &CertificateRequest,
     ca: &Ca,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let conds = conditions(cr);
     if certmanager::find_condition(conds, condition::READY).is_some() {
-        return Ok(());
+        return Ok(true);
     }
     let now = Time(Timestamp::now());
     if certmanager::condition_true(conds, condition::DENIED) {
@@ -199,10 +277,12 @@ async fn sign_if_approved(
             "The CertificateRequest was denied by an approval controller",
             now,
         );
-        return set_status(api, cr, json!({"conditions": [ready]})).await;
+        return set_status(api, cr, json!({"conditions": [ready]}))
+            .await
+            .map(|_| true);
     }
     if !certmanager::condition_true(conds, condition::APPROVED) {
-        return Ok(());
+        return Ok(false);
     }
     let signed = STANDARD
         .decode(&cr.spec.request)
@@ -225,6 +305,7 @@ async fn sign_if_approved(
                 json!({"conditions": [ready], "certificate": STANDARD.encode(cert_pem), "ca": STANDARD.encode(&ca.pem)}),
             )
             .await
+            .map(|_| true)
         }
         Err(e) => {
             let ready = CertManagerCondition::new(
@@ -234,7 +315,9 @@ async fn sign_if_approved(
                 format!("signing failed: {e:#}"),
                 now.clone(),
             );
-            set_status(api, cr, json!({"conditions": [ready], "failureTime": now})).await
+            set_status(api, cr, json!({"conditions": [ready], "failureTime": now}))
+                .await
+                .map(|_| true)
         }
     }
 }
@@ -277,14 +360,14 @@ async fn manage_certificate(
     all_requests: &[CertificateRequest],
     keys: &mut HashMap<String, KeyPair>,
     ca: &Ca,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let cert_name = cert.name_any();
     let ready = cert
         .status
         .as_ref()
         .is_some_and(|s| certmanager::condition_true(&s.conditions, condition::READY));
     if ready {
-        return Ok(());
+        return Ok(true);
     }
     let requests: Api<CertificateRequest> = Api::namespaced(client.clone(), ns);
     let request_name = format!("{cert_name}-1");
@@ -304,7 +387,6 @@ async fn manage_certificate(
             .map(|u| Ok(SanType::URI(u.as_str().try_into()?)))
             .collect::<anyhow::Result<_>>()?;
         let csr_pem = params.serialize_request(&key)?.pem()?;
-        keys.insert(cert_name.clone(), key);
         let cr = CertificateRequest {
             metadata: ObjectMeta {
                 name: Some(request_name),
@@ -331,18 +413,25 @@ async fn manage_certificate(
             },
             status: None,
         };
-        requests.create(&PostParams::default(), &cr).await?;
-        return Ok(());
+        match requests.create(&PostParams::default(), &cr).await {
+            Ok(_) => {
+                keys.insert(cert_name.clone(), key);
+            }
+            // Created in an earlier pass the cache has not shown yet; keep that key.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(false);
     };
     let Some(status) = cr
         .status
         .as_ref()
         .filter(|s| certmanager::condition_true(&s.conditions, condition::READY))
     else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(key) = keys.get(&cert_name) else {
-        return Ok(());
+        return Ok(false);
     };
     let decode = |b: &Option<String>| {
         b.as_deref()
@@ -410,5 +499,5 @@ async fn manage_certificate(
             &Patch::Apply(body),
         )
         .await?;
-    Ok(())
+    Ok(true)
 }

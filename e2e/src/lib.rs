@@ -6,6 +6,7 @@
 //! state directory and stops it at the end. With `FLEETWARDEN_E2E_EXISTING_CLUSTER=1` it uses
 //! the cluster `KUBECONFIG` points at instead and only removes the namespaces it created.
 
+pub mod fleet;
 pub mod issuer;
 
 use std::{
@@ -149,6 +150,61 @@ impl Env {
         Ok(operator)
     }
 
+    /// Starts a gateway serving `ns`, trusting `fleet_ca_pem` for device certificates, with its own
+    /// server certificate for 127.0.0.1, and waits until it is ready.
+    pub async fn start_gateway(
+        &self,
+        ns: &str,
+        fleet_ca_pem: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Gateway> {
+        let dir = self.scratch.join(format!("{ns}-gateway-pki"));
+        let pki = fleet::ServerPki::generate(&dir)?;
+        let fleet_ca = dir.join("fleet-ca.pem");
+        std::fs::write(&fleet_ca, fleet_ca_pem)?;
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let mut args = vec![
+            "--watch-namespace",
+            ns,
+            "--listen",
+            &listen,
+            "--metrics-addr",
+            &metrics,
+            "--tls-cert",
+            path_str(&pki.cert),
+            "--tls-key",
+            path_str(&pki.key),
+            "--fleet-ca",
+            path_str(&fleet_ca),
+            "--retry-after",
+            "1s",
+        ];
+        args.extend_from_slice(extra);
+        let process = self.spawn("fleetwarden-gateway", &format!("{ns}-gateway"), &args)?;
+        let gateway = Gateway {
+            process,
+            port,
+            metrics_port,
+            ca_file: pki.ca,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "the gateway to be ready",
+            || async {
+                Ok(http_get(gateway.metrics_port, "/readyz")
+                    .await
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+                    .map(|_| ()))
+            },
+        )
+        .await
+        .with_context(|| format!("gateway log:\n{}", gateway.process.log()))?;
+        Ok(gateway)
+    }
+
     /// Like [`Env::start_operator`], without waiting for it to lead.
     pub fn spawn_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
         let port = free_port()?;
@@ -249,7 +305,7 @@ impl Env {
 
     /// Path of one of our binaries (checked to be current by `Env::start`).
     pub fn binary(&self, name: &str) -> PathBuf {
-        target_dir(&self.root).join("debug").join(name)
+        target_dir(&self.root).join(profile()).join(name)
     }
 
     /// Starts one of our binaries against this cluster; output goes to `<scratch>/<log_name>.log`.
@@ -301,6 +357,28 @@ impl Env {
             }
             eprintln!("e2e: logs kept in {}", self.scratch.display());
         }
+    }
+}
+
+/// A gateway process under test: its device port, metrics port, and the CA file devices use to
+/// trust it.
+pub struct Gateway {
+    pub process: Process,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub ca_file: PathBuf,
+}
+
+impl Gateway {
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Sum of a gateway metric's samples (see [`sum_metric`]).
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let (status, body) = http_get(self.metrics_port, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(sum_metric(&body, prefix))
     }
 }
 
@@ -402,6 +480,10 @@ where
     }
 }
 
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -475,6 +557,12 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Build profile of the binaries under test: `debug`, or `FLEETWARDEN_E2E_PROFILE` (e.g.
+/// `release` for measurements).
+fn profile() -> String {
+    std::env::var("FLEETWARDEN_E2E_PROFILE").unwrap_or_else(|_| "debug".into())
+}
+
 fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -482,14 +570,18 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Binaries the tests start, with the crates they are built from.
-const BINARIES: &[(&str, &[&str])] = &[("fleetwarden-operator", &["operator", "crds"])];
+const BINARIES: &[(&str, &[&str])] = &[
+    ("fleetwarden-operator", &["operator", "crds", "plumbing"]),
+    ("fleetwarden-gateway", &["gateway", "crds", "plumbing"]),
+    ("fleetwarden-agent", &["agent", "crds", "plumbing"]),
+];
 
 /// Checks that the binaries under test exist and are newer than their sources. Cargo holds the
 /// build directory lock while tests run, so the harness cannot build them itself.
 fn check_binaries(root: &Path) -> anyhow::Result<()> {
-    let fix = "build them first: cargo build --workspace --bins";
+    let fix = "build them first: cargo build --workspace --bins (add --release with FLEETWARDEN_E2E_PROFILE=release)";
     for (binary, crates) in BINARIES {
-        let path = target_dir(root).join("debug").join(binary);
+        let path = target_dir(root).join(profile()).join(binary);
         let built = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .map_err(|_| anyhow!("{} is missing; {fix}", path.display()))?;
