@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Local Fleetwarden demo on a real control plane (kube-apiserver built from Debian's sources):
-# installs the CRDs, applies the example OT cell (a DeviceGroup, five Devices, a four-wave
-# UpdateRollout), runs two operator replicas with leader election and shows a failover.
+#   1. the CRDs and the example OT cell (a DeviceGroup, five Devices, a four-wave UpdateRollout);
+#   2. two operator replicas with leader election, and a failover;
+#   3. a simulated fleet: 50 devices generate keys, enroll with single-use tokens through the
+#      mutual-TLS gateway, get certificates issued by a local CA issuer, and check in.
 #
 #   scripts/demo.sh          run the demo, then stop everything
-#   scripts/demo.sh --keep   leave the control plane and operators running to explore
+#   scripts/demo.sh --keep   leave everything running to explore
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,20 +15,23 @@ keep=false
 export FLEETWARDEN_CP_DIR=${FLEETWARDEN_CP_DIR:-${TMPDIR:-/tmp}/fleetwarden-demo}
 state=$FLEETWARDEN_CP_DIR
 ns=plant-berlin
+devices=${DEMO_DEVICES:-50}
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 k() { kubectl --kubeconfig "$state/kubeconfig" --cache-dir "$state/kubectl-cache" "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 say "control plane (first run builds kube-apiserver from source, later runs use the cache)"
 e2e/control-plane.sh up
 
 say "building Fleetwarden"
-cargo build --quiet --bins -p fleetwarden-operator
+cargo build --quiet --bins -p fleetwarden-operator -p fleetwarden-gateway -p fleetwarden-agent -p e2e
+bin=target/debug
 
 say "installing the CRDs"
 # This API server (1.20) predates CEL validation rules, so kubectl's client-side schema check
 # does not know x-kubernetes-validations; the server ignores them. Real clusters need no flag.
-k apply --validate=false -f charts/fleetwarden/crds/
+k apply --validate=false -f charts/fleetwarden/crds/ -f e2e/crds/
 k wait --for=condition=Established --timeout=30s \
   crd/devices.fleetwarden.io crd/devicegroups.fleetwarden.io crd/updaterollouts.fleetwarden.io
 
@@ -35,13 +40,16 @@ k create namespace "$ns" --dry-run=client -o yaml | k apply -f -
 k apply -n "$ns" -f examples/
 k get fleet -n "$ns"
 
-say "starting two operator replicas (leader election on a Lease)"
 pids=()
-stop_operators() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap 'stop_operators' EXIT
+stop_all() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap 'stop_all' EXIT
+
+say "starting two operator replicas (leader election on a Lease)"
+op_ports=()
 for i in 1 2; do
-  KUBECONFIG=$state/kubeconfig target/debug/fleetwarden-operator \
-    --identity "operator-$i" --lease-namespace "$ns" --metrics-addr "127.0.0.1:$((18079 + i))" \
+  port=$(free_port); op_ports+=("$port")
+  KUBECONFIG=$state/kubeconfig $bin/fleetwarden-operator \
+    --identity "operator-$i" --lease-namespace "$ns" --metrics-addr "127.0.0.1:$port" \
     --lease-duration 6s --renew-deadline 4s --retry-period 1s >"$state/operator-$i.log" 2>&1 &
   pids+=($!)
 done
@@ -50,8 +58,6 @@ for _ in $(seq 1 50); do
   [ -n "$leader" ] && break; sleep 0.2
 done
 echo "leader: $leader"
-curl -s "http://127.0.0.1:18080/metrics" | grep '^fleetwarden_operator_leader ' | sed 's/^/operator-1 /'
-curl -s "http://127.0.0.1:18081/metrics" | grep '^fleetwarden_operator_leader ' | sed 's/^/operator-2 /'
 
 say "failover: SIGKILL the leader ($leader); the standby takes over when the 6s lease expires"
 idx=${leader#operator-}
@@ -63,15 +69,50 @@ for _ in $(seq 1 100); do
 done
 echo "new leader: $now after $((SECONDS - start))s"
 
+say "a simulated fleet of $devices devices enrolling through the gateway"
+KUBECONFIG=$state/kubeconfig $bin/local-fleet issuer --namespace "$ns" --name local-ca --ca-out "$state/fleet-ca.pem" \
+  >"$state/issuer.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do [ -s "$state/fleet-ca.pem" ] && break; sleep 0.1; done
+cat <<YAML | k apply -n "$ns" -f -
+apiVersion: fleetwarden.io/v1alpha1
+kind: DeviceGroup
+metadata:
+  name: demo-cell
+spec:
+  certificates:
+    issuerRef: {name: local-ca, kind: Issuer, group: e2e.fleetwarden.io}
+    trustDomain: fleet.demo
+  enrollment:
+    tokenSecretRef: {name: demo-cell-tokens}
+  checkInInterval: 10s
+YAML
+$bin/local-fleet gateway-pki --dir "$state/gateway-pki"
+gw_port=$(free_port); gw_metrics=$(free_port)
+KUBECONFIG=$state/kubeconfig $bin/fleetwarden-gateway --watch-namespace "$ns" \
+  --listen "127.0.0.1:$gw_port" --metrics-addr "127.0.0.1:$gw_metrics" \
+  --tls-cert "$state/gateway-pki/gateway.pem" --tls-key "$state/gateway-pki/gateway-key.pem" \
+  --fleet-ca "$state/fleet-ca.pem" --retry-after 1s >"$state/gateway.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$gw_metrics/readyz" >/dev/null && break; sleep 0.2; done
+KUBECONFIG=$state/kubeconfig $bin/local-fleet provision --namespace "$ns" --group demo-cell --model acme-pressctl-v3 \
+  --secret demo-cell-tokens --count "$devices" --prefix demo --out "$state/devices.json"
+$bin/fleetwarden-agent simulate --gateway "https://127.0.0.1:$gw_port" --gateway-ca "$state/gateway-pki/gateway-ca.pem" \
+  --trust-domain fleet.demo --devices "$state/devices.json" --duration 15s --progress | python3 -m json.tool
+k get devices -n "$ns" | head -n 12
+echo "..."
+echo "gateway status writes: $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_status_writes_total' | tr '\n' ' ')"
+echo "gateway check-ins:     $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_checkins_total')"
+
 if $keep; then
   trap - EXIT
   say "left running"
   echo "export KUBECONFIG=$state/kubeconfig"
-  echo "operator logs: $state/operator-*.log"
+  echo "logs: $state/*.log"
   echo "stop with: kill ${pids[*]}; FLEETWARDEN_CP_DIR=$state e2e/control-plane.sh down"
 else
   say "stopping"
-  stop_operators
+  stop_all
   trap - EXIT
   e2e/control-plane.sh down
 fi
