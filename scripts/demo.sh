@@ -3,7 +3,9 @@
 #   1. the CRDs and the example OT cell (a DeviceGroup, five Devices, a four-wave UpdateRollout);
 #   2. two operator replicas with leader election, and a failover;
 #   3. a simulated fleet: 50 devices generate keys, enroll with single-use tokens through the
-#      mutual-TLS gateway, get certificates issued by a local CA issuer, and check in.
+#      mutual-TLS gateway, get certificates issued by a local CA issuer, and check in;
+#   4. a signed firmware rollout in four waves (canary, soak, an approval gate promoted with
+#      `kubectl fleet`), every device verifying and installing the image it downloads.
 #
 #   scripts/demo.sh          run the demo, then stop everything
 #   scripts/demo.sh --keep   leave everything running to explore
@@ -22,10 +24,13 @@ k() { kubectl --kubeconfig "$state/kubeconfig" --cache-dir "$state/kubectl-cache
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 say "control plane (first run builds kube-apiserver from source, later runs use the cache)"
+# A demo left running (--keep, or interrupted) is replaced by a fresh one.
+e2e/control-plane.sh down >/dev/null 2>&1 || true
 e2e/control-plane.sh up
 
 say "building Fleetwarden"
-cargo build --quiet --bins -p fleetwarden-operator -p fleetwarden-gateway -p fleetwarden-agent -p e2e
+cargo build --quiet --bins -p fleetwarden-operator -p fleetwarden-gateway -p fleetwarden-agent \
+  -p fleetwarden-cli -p e2e
 bin=target/debug
 
 say "installing the CRDs"
@@ -42,7 +47,7 @@ k get fleet -n "$ns"
 
 pids=()
 stop_all() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap 'stop_all' EXIT
+trap 'stop_all; e2e/control-plane.sh down' EXIT
 
 say "starting two operator replicas (leader election on a Lease)"
 op_ports=()
@@ -74,6 +79,10 @@ KUBECONFIG=$state/kubeconfig $bin/local-fleet issuer --namespace "$ns" --name lo
   >"$state/issuer.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 50); do [ -s "$state/fleet-ca.pem" ] && break; sleep 0.1; done
+# The vendor's firmware signing key; devices and the DeviceGroup pin its public half.
+rm -f "$state/vendor.pem"
+trusted=$($bin/kubectl-fleet keygen --key-id vendor-2026 --out "$state/vendor.pem")
+pubkey=$(printf '%s\n' "$trusted" | sed -n 's/^ *publicKey: *//p')
 cat <<YAML | k apply -n "$ns" -f -
 apiVersion: fleetwarden.io/v1alpha1
 kind: DeviceGroup
@@ -85,6 +94,9 @@ spec:
     trustDomain: fleet.demo
   enrollment:
     tokenSecretRef: {name: demo-cell-tokens}
+  firmware:
+    trustedKeys:
+    - {keyId: vendor-2026, publicKey: "$pubkey"}
   checkInInterval: 10s
 YAML
 $bin/local-fleet gateway-pki --dir "$state/gateway-pki"
@@ -97,10 +109,64 @@ pids+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$gw_metrics/readyz" >/dev/null && break; sleep 0.2; done
 KUBECONFIG=$state/kubeconfig $bin/local-fleet provision --namespace "$ns" --group demo-cell --model acme-pressctl-v3 \
   --secret demo-cell-tokens --count "$devices" --prefix demo --out "$state/devices.json"
+say "signing firmware 4.2.0 and serving it over HTTPS"
+head -c 1048576 /dev/urandom >"$state/pressctl-4.2.0.bin"
+rm -f "$state/artifacts.url"
+$bin/local-fleet artifacts --dir "$state/artifacts-pki" --serve "/fw/pressctl-4.2.0.bin=$state/pressctl-4.2.0.bin" \
+  --url-out "$state/artifacts.url" >"$state/artifacts.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do [ -s "$state/artifacts.url" ] && break; sleep 0.1; done
+$bin/kubectl-fleet sign --key "$state/vendor.pem" --key-id vendor-2026 --version 4.2.0 --security-version 12 \
+  --hardware-model acme-pressctl-v3 --url "$(cat "$state/artifacts.url")/fw/pressctl-4.2.0.bin" \
+  "$state/pressctl-4.2.0.bin" | tee "$state/firmware.yaml"
+
 $bin/fleetwarden-agent simulate --gateway "https://127.0.0.1:$gw_port" --gateway-ca "$state/gateway-pki/gateway-ca.pem" \
-  --trust-domain fleet.demo --devices "$state/devices.json" --duration 15s --progress | python3 -m json.tool
-k get devices -n "$ns" | head -n 12
+  --trust-domain fleet.demo --devices "$state/devices.json" --duration 10m --check-in-interval 2s --progress \
+  --firmware-version 4.1.3 --security-version 12 --hardware-model acme-pressctl-v3 \
+  --firmware-key "vendor-2026=$pubkey" --artifact-ca "$state/artifacts-pki/gateway-ca.pem" \
+  >"$state/simulate.json" 2>"$state/simulate.log" &
+sim=$!
+pids+=("$sim")
+for _ in $(seq 1 150); do
+  n=$(k get devices -n "$ns" -o jsonpath='{range .items[*]}{.metadata.name}={.status.reported.firmwareVersion}{"\n"}{end}' \
+    | grep -c '^demo-.*=4.1.3$' || true)
+  [ "$n" -ge "$devices" ] && break; sleep 0.2
+done
+echo "$n devices enrolled and checking in"
+k get devices -n "$ns" | awk 'NR <= 8'
 echo "..."
+
+say "rolling out 4.2.0 in four waves"
+{ cat <<YAML
+apiVersion: fleetwarden.io/v1alpha1
+kind: UpdateRollout
+metadata:
+  name: pressctl-4-2-demo
+spec:
+  target: {groups: [demo-cell]}
+  waves:
+  - {name: canary, percent: 10, soak: 5s}
+  - {name: early, percent: 30}
+  - {name: half, percent: 60, requiresApproval: true}
+  - {name: all, percent: 100}
+  successThresholdPercent: 100
+YAML
+sed 's/^/  /' "$state/firmware.yaml"; } | k apply -n "$ns" -f -
+for _ in $(seq 1 300); do
+  reason=$(k get updaterollout pressctl-4-2-demo -n "$ns" -o jsonpath='{.status.conditions[?(@.type=="Waiting")].reason}')
+  [ "$reason" = AwaitingApproval ] && break; sleep 0.2
+done
+KUBECONFIG=$state/kubeconfig $bin/kubectl-fleet rollout status pressctl-4-2-demo -n "$ns"
+say "wave 3 needs approval: kubectl fleet rollout promote"
+KUBECONFIG=$state/kubeconfig $bin/kubectl-fleet rollout promote pressctl-4-2-demo -n "$ns"
+KUBECONFIG=$state/kubeconfig $bin/kubectl-fleet rollout status pressctl-4-2-demo -n "$ns" --watch --timeout 5m
+k get updaterollouts -n "$ns"
+k get events -n "$ns" --field-selector involvedObject.name=pressctl-4-2-demo --sort-by=.metadata.creationTimestamp \
+  -o custom-columns=REASON:.reason,MESSAGE:.message
+say "the simulated fleet's own report"
+kill -TERM "$sim"
+for _ in $(seq 1 100); do [ -s "$state/simulate.json" ] && break; sleep 0.1; done
+python3 -m json.tool <"$state/simulate.json"
 echo "gateway status writes: $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_status_writes_total' | tr '\n' ' ')"
 echo "gateway check-ins:     $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_checkins_total')"
 

@@ -225,6 +225,154 @@ impl Slots {
     }
 }
 
+/// Downloads firmware artifacts over HTTPS, trusting only the configured CA bundle.
+#[derive(Clone)]
+pub struct ArtifactClient {
+    http: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Empty<hyper::body::Bytes>,
+    >,
+    timeout: std::time::Duration,
+}
+
+impl ArtifactClient {
+    pub fn new(ca_pem: &str, timeout: std::time::Duration) -> anyhow::Result<Self> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "the artifact CA bundle holds no certificate"
+        );
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https),
+            timeout,
+        })
+    }
+
+    /// Streams `url` into `receiver`, which refuses anything past the declared size.
+    pub async fn download(&self, url: &str, receiver: &mut Receiver) -> Result<(), FirmwareError> {
+        use http_body_util::BodyExt;
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|e| FirmwareError::Download(format!("bad URL {url}: {e}")))?;
+        let fetch = async {
+            let response = self
+                .http
+                .get(uri)
+                .await
+                .map_err(|e| FirmwareError::Download(format!("{e:#}")))?;
+            if !response.status().is_success() {
+                return Err(FirmwareError::Download(format!(
+                    "{url} answered {}",
+                    response.status()
+                )));
+            }
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| FirmwareError::Download(e.to_string()))?;
+                if let Some(chunk) = frame.data_ref() {
+                    receiver.accept(chunk)?;
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, fetch)
+            .await
+            .map_err(|_| {
+                FirmwareError::Download(format!(
+                    "download did not finish within {:?}",
+                    self.timeout
+                ))
+            })?
+    }
+}
+
+/// Where a device writes firmware: its A/B slots, or nowhere (a simulated device keeps only
+/// what it installed).
+pub enum Target<'a> {
+    Slots(&'a Slots),
+    Discard,
+}
+
+/// Everything a device needs to take an offer.
+pub struct Updater {
+    pub pinned_keys: Vec<TrustedKey>,
+    pub hardware_model: String,
+    pub artifacts: Option<ArtifactClient>,
+}
+
+impl Updater {
+    /// Checks, downloads, verifies and installs `manifest`; returns what is installed after.
+    pub async fn apply(
+        &self,
+        manifest: &FirmwareManifest,
+        installed: &Installed,
+        target: Target<'_>,
+        now: Timestamp,
+    ) -> Result<Installed, FirmwareError> {
+        check_manifest(
+            manifest,
+            &self.pinned_keys,
+            &self.hardware_model,
+            installed,
+            now,
+        )?;
+        let artifacts = self
+            .artifacts
+            .as_ref()
+            .ok_or_else(|| FirmwareError::Download("no artifact CA configured".into()))?;
+        match target {
+            Target::Slots(slots) => {
+                let (slot, out) = slots.inactive_writer()?;
+                let mut receiver = Receiver::new(manifest.size_bytes, out);
+                artifacts.download(&manifest.url, &mut receiver).await?;
+                receiver.finish(&manifest.sha256)?;
+                slots.activate(slot, manifest)
+            }
+            Target::Discard => {
+                let mut receiver = Receiver::new(manifest.size_bytes, Box::new(std::io::sink()));
+                artifacts.download(&manifest.url, &mut receiver).await?;
+                receiver.finish(&manifest.sha256)?;
+                let active = match installed.active {
+                    BootSlot::A => BootSlot::B,
+                    BootSlot::B => BootSlot::A,
+                };
+                Ok(Installed {
+                    active,
+                    version: manifest.version.clone(),
+                    security_version: manifest.security_version,
+                })
+            }
+        }
+    }
+}
+
+/// Parses `--firmware-key keyId=base64`.
+pub fn parse_pinned_key(s: &str) -> Result<TrustedKey, String> {
+    let (id, key) = s
+        .split_once('=')
+        .ok_or("expected keyId=base64-public-key")?;
+    Ok(TrustedKey {
+        key_id: id.to_string(),
+        public_key: key.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

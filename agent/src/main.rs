@@ -11,6 +11,7 @@ use std::{path::PathBuf, time::Duration};
 use agent::{
     client::{Endpoint, Identity},
     device::{Credential, Device, Name, Storage, renewal_due},
+    firmware::{self, ArtifactClient, Installed, Slots, Target, Updater},
     simulate::{self, Plan, SimDevice},
 };
 use anyhow::Context as _;
@@ -52,6 +53,44 @@ struct GatewayArgs {
     trust_domain: String,
 }
 
+#[derive(Args, Clone)]
+struct FirmwareArgs {
+    /// Firmware signing key the device trusts, `keyId=base64-public-key` (repeatable; pin the
+    /// next key before rotating to it).
+    #[arg(long = "firmware-key", value_parser = firmware::parse_pinned_key)]
+    firmware_keys: Vec<crds::group::TrustedKey>,
+    /// This device's hardware model; firmware for other models is refused.
+    #[arg(long, default_value = "sim-v1")]
+    hardware_model: String,
+    /// PEM CA bundle for firmware downloads (HTTPS); without it, offers cannot be downloaded.
+    #[arg(long)]
+    artifact_ca: Option<PathBuf>,
+    /// Longest time a firmware download may take.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    download_timeout: Duration,
+}
+
+impl FirmwareArgs {
+    fn updater(&self) -> anyhow::Result<Updater> {
+        let artifacts = match &self.artifact_ca {
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --artifact-ca {}", path.display()))?;
+                Some(ArtifactClient::new(&pem, self.download_timeout)?)
+            }
+            None => None,
+        };
+        if self.firmware_keys.is_empty() {
+            tracing::warn!("no --firmware-key pinned: every firmware offer will be refused");
+        }
+        Ok(Updater {
+            pinned_keys: self.firmware_keys.clone(),
+            hardware_model: self.hardware_model.clone(),
+            artifacts,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one device.
@@ -83,6 +122,8 @@ enum Command {
         security_version: i64,
         #[arg(long)]
         location: Option<String>,
+        #[command(flatten)]
+        firmware: FirmwareArgs,
         /// Enroll, check in once, print the answer and exit.
         #[arg(long)]
         once: bool,
@@ -111,6 +152,8 @@ enum Command {
         security_version: i64,
         #[arg(long)]
         location: Option<String>,
+        #[command(flatten)]
+        firmware: FirmwareArgs,
         /// Print progress every 5 seconds.
         #[arg(long)]
         progress: bool,
@@ -145,8 +188,10 @@ async fn main() -> anyhow::Result<()> {
             firmware_version,
             security_version,
             location,
+            firmware,
             once,
         } => {
+            let updater = firmware.updater()?;
             std::fs::create_dir_all(&state_dir)
                 .with_context(|| format!("cannot create --state-dir {}", state_dir.display()))?;
             let name = Name {
@@ -154,6 +199,14 @@ async fn main() -> anyhow::Result<()> {
                 namespace,
                 name,
             };
+            let slots = Slots::open(
+                &state_dir.join("firmware"),
+                Installed {
+                    active: crds::device::BootSlot::A,
+                    version: firmware_version,
+                    security_version,
+                },
+            )?;
             let mut device = Device::load(
                 name,
                 endpoint(&gateway)?,
@@ -180,19 +233,41 @@ async fn main() -> anyhow::Result<()> {
                 device.enroll(&credential).await?;
                 tracing::info!("enrolled");
             }
-            let report = ReportedState {
-                firmware_version: Some(firmware_version),
-                security_version: Some(security_version),
-                location,
-                agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                ..ReportedState::default()
-            };
             loop {
+                let installed = slots.installed()?;
+                let report = ReportedState {
+                    firmware_version: Some(installed.version.clone()),
+                    security_version: Some(installed.security_version),
+                    boot_slot: Some(installed.active),
+                    location: location.clone(),
+                    agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                    ..ReportedState::default()
+                };
                 match device.check_in(&report).await {
                     Ok(answer) => {
                         if once {
                             println!("{}", serde_json::to_string_pretty(&answer)?);
                             return Ok(());
+                        }
+                        if let Some(offer) = &answer.offer {
+                            match simulate::take_offer(
+                                &device,
+                                offer,
+                                &installed,
+                                false,
+                                &updater,
+                                Target::Slots(&slots),
+                            )
+                            .await
+                            {
+                                Ok(now) => {
+                                    tracing::info!(version = %now.version, slot = ?now.active, "firmware installed");
+                                    continue;
+                                }
+                                Err(reason) => {
+                                    tracing::warn!(%reason, version = %offer.manifest.version, "firmware refused")
+                                }
+                            }
                         }
                         if renewal_due(&answer, jiff::Timestamp::now()) {
                             tracing::info!("renewing the certificate with a new key");
@@ -225,8 +300,10 @@ async fn main() -> anyhow::Result<()> {
             firmware_version,
             security_version,
             location,
+            firmware,
             progress,
         } => {
+            let updater = std::sync::Arc::new(firmware.updater()?);
             let list: Vec<SimDevice> = serde_json::from_slice(
                 &std::fs::read(&devices)
                     .with_context(|| format!("cannot read --devices {}", devices.display()))?,
@@ -237,6 +314,8 @@ async fn main() -> anyhow::Result<()> {
                     devices.display()
                 )
             })?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(plumbing::shutdown::watch_signals(stop.clone(), "simulate"));
             let report = simulate::run(Plan {
                 endpoint: endpoint(&gateway)?,
                 trust_domain: gateway.trust_domain,
@@ -249,6 +328,8 @@ async fn main() -> anyhow::Result<()> {
                 security_version,
                 location,
                 progress,
+                updater,
+                stop,
             })
             .await;
             println!("{}", serde_json::to_string(&report)?);

@@ -15,6 +15,11 @@ use tokio::sync::Semaphore;
 use crate::{
     client::Endpoint,
     device::{Credential, Device, Name, Storage},
+    firmware::{Installed, Target, Updater},
+};
+use crds::{
+    device::BootSlot,
+    wire::{FirmwareOffer, UpdateReport},
 };
 
 /// One virtual device, as the provisioning step hands them out.
@@ -23,9 +28,12 @@ pub struct SimDevice {
     pub namespace: String,
     pub name: String,
     pub token: String,
+    /// This device fails every firmware install (after verifying and downloading it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_updates: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Plan {
     pub endpoint: Endpoint,
     pub trust_domain: String,
@@ -42,6 +50,10 @@ pub struct Plan {
     pub security_version: i64,
     pub location: Option<String>,
     pub progress: bool,
+    /// How devices take firmware offers.
+    pub updater: Arc<crate::firmware::Updater>,
+    /// Ends the run early (SIGTERM); the report covers what happened until then.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// What a run measured.
@@ -60,6 +72,10 @@ pub struct Report {
     /// Check-ins per second over the check-in phase (first to last check-in).
     pub checkins_per_second: f64,
     pub restricted_answers: usize,
+    /// Firmware installed, by version.
+    pub updates_installed: BTreeMap<String, usize>,
+    /// Firmware refused or failed, by reason.
+    pub updates_failed: BTreeMap<String, usize>,
     pub wall_seconds: f64,
 }
 
@@ -71,6 +87,8 @@ struct Tally {
     checkin_ms: Vec<f64>,
     checkin_errors: BTreeMap<String, usize>,
     restricted: usize,
+    updates_installed: BTreeMap<String, usize>,
+    updates_failed: BTreeMap<String, usize>,
     first_checkin: Option<Instant>,
     last_checkin: Option<Instant>,
 }
@@ -163,6 +181,8 @@ pub async fn run(plan: Plan) -> Report {
             0.0
         },
         restricted_answers: t.restricted,
+        updates_installed: t.updates_installed,
+        updates_failed: t.updates_failed,
         wall_seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -214,9 +234,15 @@ async fn simulate_one(
     let deadline = tokio::time::Instant::now() + plan.duration;
 
     let mut rng = Rng::new(index as u64 + 1);
+    let mut installed = Installed {
+        active: BootSlot::A,
+        version: plan.firmware_version.clone(),
+        security_version: plan.security_version,
+    };
     let mut report = ReportedState {
-        firmware_version: Some(plan.firmware_version.clone()),
-        security_version: Some(plan.security_version),
+        firmware_version: Some(installed.version.clone()),
+        security_version: Some(installed.security_version),
+        boot_slot: Some(installed.active),
         location: plan.location.clone(),
         agent_version: Some("sim-1".into()),
         ..ReportedState::default()
@@ -225,9 +251,16 @@ async fn simulate_one(
     // enrollment closely, spread out so a mass enrollment does not become a thundering herd.
     let mut interval = plan.check_in_interval.unwrap_or(Duration::from_secs(5));
     let first = interval.mul_f64(rng.next_f64());
-    tokio::time::sleep_until((tokio::time::Instant::now() + first).min(deadline)).await;
+    let stop = &plan.stop;
+    let nap = |until: tokio::time::Instant| async move {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.min(deadline)) => {}
+            _ = stop.cancelled() => {}
+        }
+    };
+    nap(tokio::time::Instant::now() + first).await;
     let mut generation = 1u64;
-    while tokio::time::Instant::now() < deadline {
+    while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
         if rng.next_f64() < plan.report_change_rate {
             generation += 1;
             report.agent_version = Some(format!("sim-{generation}"));
@@ -254,6 +287,81 @@ async fn simulate_one(
         {
             interval = Duration::from_secs(answer.check_in_interval_seconds.max(1));
         }
-        tokio::time::sleep_until((tokio::time::Instant::now() + interval).min(deadline)).await;
+        if let Some(offer) = result.ok().and_then(|a| a.offer) {
+            let outcome = take_offer(
+                &device,
+                &offer,
+                &installed,
+                sim.fail_updates,
+                &plan.updater,
+                Target::Discard,
+            )
+            .await;
+            let installed_now = outcome.is_ok();
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            match outcome {
+                Ok(now_installed) => {
+                    *t.updates_installed
+                        .entry(now_installed.version.clone())
+                        .or_default() += 1;
+                    installed = now_installed;
+                    report.firmware_version = Some(installed.version.clone());
+                    report.security_version = Some(installed.security_version);
+                    report.boot_slot = Some(installed.active);
+                }
+                Err(reason) => *t.updates_failed.entry(reason).or_default() += 1,
+            }
+            drop(t);
+            if installed_now {
+                // Report the new version right away, as a device does after rebooting into it.
+                continue;
+            }
+        }
+        nap(tokio::time::Instant::now() + interval).await;
+    }
+}
+
+/// Takes one firmware offer the way a real device does, reporting each step; `Err` carries the
+/// refusal or failure reason. `fail` simulates an install that fails after verification.
+pub async fn take_offer(
+    device: &Device,
+    offer: &FirmwareOffer,
+    installed: &Installed,
+    fail: bool,
+    updater: &Updater,
+    target: Target<'_>,
+) -> Result<Installed, String> {
+    let manifest = &offer.manifest;
+    let report = |state, message: Option<String>| UpdateReport {
+        rollout: offer.rollout.clone(),
+        version: manifest.version.clone(),
+        state,
+        progress_percent: None,
+        message,
+    };
+    use crds::device::UpdateState;
+    let _ = device.report(&report(UpdateState::Downloading, None)).await;
+    let result = match updater
+        .apply(manifest, installed, target, jiff::Timestamp::now())
+        .await
+    {
+        Ok(_) if fail => Err((
+            "InstallFailed".to_string(),
+            "InstallFailed: simulated install failure".to_string(),
+        )),
+        Ok(now_installed) => Ok(now_installed),
+        Err(e) => Err((e.reason().to_string(), format!("{}: {e}", e.reason()))),
+    };
+    match result {
+        Ok(now_installed) => {
+            let _ = device.report(&report(UpdateState::Succeeded, None)).await;
+            Ok(now_installed)
+        }
+        Err((reason, message)) => {
+            let _ = device
+                .report(&report(UpdateState::Failed, Some(message)))
+                .await;
+            Err(reason)
+        }
     }
 }

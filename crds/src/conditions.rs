@@ -18,6 +18,8 @@ pub mod types {
     pub const COMPLIANT: &str = "Compliant";
     pub const CERTIFICATE_EXPIRING: &str = "CertificateExpiring";
     pub const PROGRESSING: &str = "Progressing";
+    /// Something outside the object must happen first (approval, another rollout, a window).
+    pub const WAITING: &str = "Waiting";
 }
 
 /// A condition about to be written. `reason` is CamelCase, `message` is for humans.

@@ -18,6 +18,8 @@ pub mod group;
 pub mod identity;
 pub mod rollout;
 mod schema;
+pub mod selector;
+pub mod waves;
 pub mod wire;
 
 pub use device::{Device, DeviceSpec, DeviceStatus};

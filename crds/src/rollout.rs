@@ -113,6 +113,11 @@ pub struct UpdateRolloutSpec {
     /// Stop making new offers; devices already updating finish.
     #[serde(default)]
     pub paused: bool,
+
+    /// Stop the rollout for good, as a failure (`kubectl fleet rollout abort`); with
+    /// `onFailure: Rollback` the rollback firmware is offered.
+    #[serde(default)]
+    pub abort: bool,
 }
 
 fn default_success_threshold() -> u8 {

@@ -75,6 +75,9 @@ pub struct Provisioned {
     pub namespace: String,
     pub name: String,
     pub token: String,
+    /// The simulated device fails every firmware install.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_updates: bool,
 }
 
 /// A fresh random token (256 bits, URL-safe).
@@ -132,6 +135,7 @@ pub async fn provision(
             namespace: namespace.to_string(),
             name: name.clone(),
             token,
+            fail_updates: false,
         });
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);

@@ -6,6 +6,7 @@
 //! state directory and stops it at the end. With `FLEETWARDEN_E2E_EXISTING_CLUSTER=1` it uses
 //! the cluster `KUBECONFIG` points at instead and only removes the namespaces it created.
 
+pub mod artifacts;
 pub mod fleet;
 pub mod issuer;
 
@@ -399,16 +400,17 @@ impl Operator {
     }
 }
 
-/// Sums the samples of an OpenMetrics text whose series starts with `prefix`.
+/// Sums the samples of an OpenMetrics text whose series starts with `prefix` (a name, or a name
+/// with its first labels: `name{a="x"` matches `name{a="x",b="y"}`).
 pub fn sum_metric(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
+                .is_some_and(|rest| rest.starts_with([' ', '{', ',']))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// A process of ours under test.
@@ -574,6 +576,7 @@ const BINARIES: &[(&str, &[&str])] = &[
     ("fleetwarden-operator", &["operator", "crds", "plumbing"]),
     ("fleetwarden-gateway", &["gateway", "crds", "plumbing"]),
     ("fleetwarden-agent", &["agent", "crds", "plumbing"]),
+    ("kubectl-fleet", &["cli", "crds"]),
 ];
 
 /// Checks that the binaries under test exist and are newer than their sources. Cargo holds the

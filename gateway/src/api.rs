@@ -22,7 +22,8 @@ use crds::{
     },
     enrollment_token, hex_sha256,
     identity::pem_encode,
-    wire::{self, CheckInResponse, ErrorBody, ReportedState, UpdateReport},
+    waves,
+    wire::{self, CheckInResponse, ErrorBody, FirmwareOffer, ReportedState, UpdateReport},
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -539,12 +540,53 @@ async fn check_in_inner(state: &AppState, request: Request) -> Outcome {
         device: key(&id),
         scope,
         check_in_interval_seconds: group
+            .as_ref()
             .map_or(300, |g| g.spec.check_in_interval.get().as_secs().max(1)),
         renew_after,
         certificate_not_after: identity.map(|i| i.not_after.0),
-        offer: None,
+        offer: match group.as_ref() {
+            Some(g) => offer_for(state, &device, g, scope, now).await,
+            None => None,
+        },
     };
     Ok(axum::Json(response).into_response())
+}
+
+/// The firmware this device should install now, from the rollouts targeting its group.
+/// Decided on the device as it just reported itself (the watch cache may not show that yet), so
+/// a device that installed or refused the firmware is not offered it again.
+async fn offer_for(
+    state: &AppState,
+    device: &Device,
+    group: &DeviceGroup,
+    scope: authz::Scope,
+    now: Timestamp,
+) -> Option<FirmwareOffer> {
+    let rollouts = state.caches.rollouts_for(device);
+    if rollouts.is_empty() {
+        return None;
+    }
+    let fresh = state.writer.freshest(device).await;
+    let mut device = device.clone();
+    let status = device.status.get_or_insert_with(Default::default);
+    status.reported = fresh.reported;
+    status.update = fresh.update;
+    let device = &device;
+    rollouts.into_iter().find_map(|rollout| {
+        let plan = state.caches.plan(&rollout);
+        let manifest = waves::offer(
+            device,
+            group,
+            &rollout,
+            &plan,
+            scope == authz::Scope::Restricted,
+            now,
+        )?;
+        Some(FirmwareOffer {
+            rollout: rollout.metadata.name.clone().unwrap_or_default(),
+            manifest: manifest.clone(),
+        })
+    })
 }
 
 async fn report_status(State(state): State<Arc<AppState>>, request: Request) -> Response {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crds::{Device, DeviceGroup};
+use crds::{Device, DeviceGroup, UpdateRollout, waves::WavePlan};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
@@ -21,10 +21,15 @@ use kube::{
     },
 };
 
+/// A wave plan, when it was computed, and the rollout resourceVersion it was computed for.
+type CachedPlan = (Instant, Option<String>, Arc<WavePlan>);
+
 #[derive(Clone)]
 pub struct Caches {
     pub devices: Store<Device>,
     pub groups: Store<DeviceGroup>,
+    pub rollouts: Store<UpdateRollout>,
+    plans: Arc<Mutex<HashMap<String, CachedPlan>>>,
     secrets: Ttl<Secret>,
     config_maps: Ttl<ConfigMap>,
     client: Client,
@@ -50,6 +55,19 @@ impl Caches {
     ) -> Self {
         let (devices, device_writer) = reflector::store();
         let (groups, group_writer) = reflector::store();
+        let (rollouts, rollout_writer) = reflector::store();
+        let rollout_stream = watcher(
+            api::<UpdateRollout>(&client, namespace),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|r: &mut UpdateRollout| r.managed_fields_mut().clear())
+        .reflect(rollout_writer)
+        .for_each(|_| futures::future::ready(()));
+        let stop_rollouts = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! { _ = rollout_stream => {}, _ = stop_rollouts.cancelled() => {} }
+        });
         let device_stream = watcher(
             api::<Device>(&client, namespace),
             watcher::Config::default(),
@@ -80,6 +98,8 @@ impl Caches {
         Self {
             devices,
             groups,
+            rollouts,
+            plans: Arc::default(),
             secrets: Ttl::new(Duration::from_secs(10)),
             config_maps: Ttl::new(Duration::from_secs(10)),
             client,
@@ -90,6 +110,7 @@ impl Caches {
     pub async fn ready(&self) -> anyhow::Result<()> {
         self.devices.wait_until_ready().await?;
         self.groups.wait_until_ready().await?;
+        self.rollouts.wait_until_ready().await?;
         Ok(())
     }
 
@@ -99,6 +120,58 @@ impl Caches {
 
     pub fn group(&self, namespace: &str, name: &str) -> Option<Arc<DeviceGroup>> {
         self.groups.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Rollouts of the device's namespace that target its group and may make offers.
+    pub fn rollouts_for(&self, device: &Device) -> Vec<Arc<UpdateRollout>> {
+        use crds::rollout::RolloutPhase;
+        self.rollouts
+            .state()
+            .into_iter()
+            .filter(|r| r.metadata.namespace == device.metadata.namespace)
+            .filter(|r| r.spec.target.groups.contains(&device.spec.group))
+            .filter(|r| {
+                matches!(
+                    r.status.as_ref().and_then(|s| s.phase),
+                    Some(RolloutPhase::Progressing | RolloutPhase::RolledBack)
+                )
+            })
+            .collect()
+    }
+
+    /// The wave membership of a rollout over the cached devices, rebuilt when the rollout
+    /// changes and at most every `PLAN_TTL` as devices change (the operator counts from the same
+    /// function, so both agree once their caches do).
+    pub fn plan(&self, rollout: &UpdateRollout) -> Arc<WavePlan> {
+        let uid = rollout.metadata.uid.clone().unwrap_or_default();
+        let rv = rollout.metadata.resource_version.clone();
+        if let Ok(plans) = self.plans.lock()
+            && let Some((at, seen_rv, plan)) = plans.get(&uid)
+            && *seen_rv == rv
+            && at.elapsed() < PLAN_TTL
+        {
+            return plan.clone();
+        }
+        let groups: std::collections::HashSet<&str> = rollout
+            .spec
+            .target
+            .groups
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let devices = self.devices.state();
+        let plan = Arc::new(WavePlan::build(
+            rollout,
+            devices.iter().map(AsRef::as_ref).filter(|d| {
+                d.metadata.namespace == rollout.metadata.namespace
+                    && groups.contains(d.spec.group.as_str())
+            }),
+        ));
+        if let Ok(mut plans) = self.plans.lock() {
+            plans.retain(|_, (at, _, _)| at.elapsed() < PLAN_TTL * 10);
+            plans.insert(uid, (Instant::now(), rv, plan.clone()));
+        }
+        plan
     }
 
     pub async fn secret(
@@ -129,6 +202,9 @@ impl Caches {
             .await
     }
 }
+
+/// How stale a cached wave plan may get while devices change.
+const PLAN_TTL: Duration = Duration::from_secs(2);
 
 type TtlMap<K> = HashMap<(String, String), (Instant, Option<Arc<K>>)>;
 

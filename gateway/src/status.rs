@@ -164,6 +164,21 @@ impl Writer {
         slots.entry(uid.to_string()).or_default().clone()
     }
 
+    /// The freshest view of the fields the gateway owns: our own last write while the cache has
+    /// not shown it yet, else the cache.
+    pub async fn freshest(&self, device: &Device) -> Owned {
+        let slot = self.slot(&device.uid().unwrap_or_default());
+        let memo = slot.lock().await;
+        match memo.as_ref() {
+            Some((from, at, written))
+                if *from == device.resource_version() && at.elapsed() < MEMO_TTL =>
+            {
+                written.clone()
+            }
+            _ => Owned::of(device.status.as_ref()),
+        }
+    }
+
     /// Computes the change from the freshest view of the device (the cache, or our own last
     /// write if the cache has not shown it yet) and applies it. Returns whether it wrote.
     pub async fn update(

@@ -7,7 +7,7 @@ use kube::{Api, Client, Resource, runtime::events::Reporter};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::{device, metrics::Metrics, runner::ControllerTask};
+use crate::{device, metrics::Metrics, rollout, runner::ControllerTask};
 
 /// What every controller may use.
 #[derive(Clone)]
@@ -43,5 +43,8 @@ impl Shared {
 
 /// Starts every controller; they stop when `shutdown` is cancelled.
 pub fn all(shared: &Shared, shutdown: &CancellationToken) -> Vec<ControllerTask> {
-    vec![device::start(shared, shutdown)]
+    vec![
+        device::start(shared, shutdown),
+        rollout::start(shared, shutdown),
+    ]
 }

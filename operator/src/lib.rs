@@ -9,6 +9,8 @@ pub mod device_plan;
 pub mod leader;
 pub mod metrics;
 pub mod readiness;
+pub mod rollout;
+pub mod rollout_plan;
 pub mod runner;
 
 /// Field manager for every server-side apply the operator makes.

@@ -8,6 +8,8 @@
 //!       write a CA and a server certificate for 127.0.0.1 / localhost into DIR
 //!   local-fleet provision --namespace NS --group G --model M --secret S --count N --out FILE
 //!       create N Devices (NAME-PREFIX-0000...) with enrollment tokens; write the token list
+//!   local-fleet artifacts --dir DIR --serve URLPATH=FILE [--serve ...] --url-out FILE
+//!       serve firmware files over HTTPS (own CA in DIR) until SIGTERM; writes the base URL
 
 use std::path::PathBuf;
 
@@ -24,7 +26,8 @@ fn arg(args: &[String], flag: &str) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: local-fleet issuer|gateway-pki|provision ... (see the source header)";
+    let usage =
+        "usage: local-fleet issuer|gateway-pki|provision|artifacts ... (see the source header)";
     match args.first().map(String::as_str) {
         Some("gateway-pki") => {
             let dir = PathBuf::from(arg(&args, "--dir")?);
@@ -66,6 +69,22 @@ async fn main() -> anyhow::Result<()> {
                 "local-fleet: {count} devices in {ns}, tokens in {}",
                 out.display()
             );
+        }
+        Some("artifacts") => {
+            let dir = PathBuf::from(arg(&args, "--dir")?);
+            let url_out = PathBuf::from(arg(&args, "--url-out")?);
+            let server = e2e::artifacts::ArtifactServer::start(&dir).await?;
+            for pair in args.windows(2).filter(|w| w[0] == "--serve").map(|w| &w[1]) {
+                let (path, file) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--serve {pair}: expected /url/path=FILE"))?;
+                let bytes = std::fs::read(file).with_context(|| format!("cannot read {file}"))?;
+                eprintln!("local-fleet: serving {}", server.put(path, bytes));
+            }
+            std::fs::write(&url_out, &server.base_url)?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
         }
         _ => anyhow::bail!("{usage}"),
     }

@@ -6,6 +6,7 @@ mod api;
 mod gateway;
 mod identity;
 mod leader;
+mod rollout;
 
 use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
 
@@ -43,13 +44,19 @@ fn all_tests() -> Vec<(&'static str, TestFn)> {
         gateway::last_seen_writes_are_throttled,
         leader::one_of_two_operators_leads_and_a_standby_takes_over_after_a_kill,
         leader::sigterm_releases_the_lease_for_an_immediate_takeover,
+        rollout::two_hundred_devices_update_in_four_waves_through_soak_approval_and_an_operator_kill,
+        rollout::failing_canaries_halt_the_first_wave_and_roll_back,
+        rollout::devices_refuse_bad_firmware_and_report_why,
     ]
 }
 
 /// Tests that load the machine heavily; they run after the others, one at a time, so the
 /// timing-sensitive tests (leader failover) are not judged on a saturated machine.
 fn heavy_tests() -> Vec<(&'static str, TestFn)> {
-    tests![gateway::a_thousand_simulated_devices_enroll_and_check_in]
+    tests![
+        gateway::a_thousand_simulated_devices_enroll_and_check_in,
+        rollout::a_thousand_devices_roll_out_with_zero_soak,
+    ]
 }
 
 fn main() -> ExitCode {
