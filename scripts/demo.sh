@@ -6,6 +6,8 @@
 #      mutual-TLS gateway, get certificates issued by a local CA issuer, and check in;
 #   4. a signed firmware rollout in four waves (canary, soak, an approval gate promoted with
 #      `kubectl fleet`), every device verifying and installing the image it downloads.
+#   5. the example cell as an OT zone: its generated NetworkPolicies, and a quarantined device
+#      cut out of the zone's device network and released again.
 #
 #   scripts/demo.sh          run the demo, then stop everything
 #   scripts/demo.sh --keep   leave everything running to explore
@@ -169,6 +171,27 @@ for _ in $(seq 1 100); do [ -s "$state/simulate.json" ] && break; sleep 0.1; don
 python3 -m json.tool <"$state/simulate.json"
 echo "gateway status writes: $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_status_writes_total' | tr '\n' ' ')"
 echo "gateway check-ins:     $(curl -s "http://127.0.0.1:$gw_metrics/metrics" | grep '^fleetwarden_gateway_checkins_total')"
+
+say "segmentation: the example cell press-line-3 is an OT zone"
+k get networkpolicies -n "$ns" -l fleetwarden.io/device-group=press-line-3
+excepts() {
+  k get networkpolicy fw-press-line-3-devices -n "$ns" \
+    -o jsonpath='{.spec.ingress[0].from[*].ipBlock.except}'
+}
+echo "isolated now (press-3-vib-sensor-01 is Suspended): $(excepts)"
+say "quarantining press-3-plc-02: its address leaves the zone's allowed device network"
+k patch device press-3-plc-02 -n "$ns" --type merge -p '{"spec":{"lifecycle":"Quarantined"}}'
+for _ in $(seq 1 50); do excepts | grep -q 10.30.3.12 && break; sleep 0.1; done
+echo "isolated now: $(excepts)"
+k patch device press-3-plc-02 -n "$ns" --type merge -p '{"spec":{"lifecycle":"Active"}}'
+for _ in $(seq 1 50); do excepts | grep -q 10.30.3.12 || break; sleep 0.1; done
+echo "released:     $(excepts)"
+k get events -n "$ns" --field-selector involvedObject.name=press-3-plc-02 \
+  -o custom-columns=REASON:.reason,MESSAGE:.message | grep -E 'REASON|Isolated|Released'
+k get devicegroup press-line-3 -n "$ns" \
+  -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}'
+k get devicegroup press-line-3 -n "$ns" \
+  -o jsonpath='{range .status.segmentation.findings[*]}finding {.kind} {.subject}: {.message}{"\n"}{end}'
 
 if $keep; then
   trap - EXIT

@@ -122,6 +122,10 @@ enum Command {
         security_version: i64,
         #[arg(long)]
         location: Option<String>,
+        /// An IP address of the device, reported at check-in (repeatable). The segmentation
+        /// controller isolates reported addresses along with the static ones.
+        #[arg(long = "address")]
+        addresses: Vec<std::net::IpAddr>,
         #[command(flatten)]
         firmware: FirmwareArgs,
         /// Enroll, check in once, print the answer and exit.
@@ -188,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
             firmware_version,
             security_version,
             location,
+            addresses,
             firmware,
             once,
         } => {
@@ -240,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                     security_version: Some(installed.security_version),
                     boot_slot: Some(installed.active),
                     location: location.clone(),
+                    addresses: addresses.iter().map(ToString::to_string).collect(),
                     agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
                     ..ReportedState::default()
                 };

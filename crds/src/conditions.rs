@@ -20,6 +20,10 @@ pub mod types {
     pub const PROGRESSING: &str = "Progressing";
     /// Something outside the object must happen first (approval, another rollout, a window).
     pub const WAITING: &str = "Waiting";
+    /// A DeviceGroup's zone policies are applied.
+    pub const ISOLATED: &str = "Isolated";
+    /// A DeviceGroup's segmentation audit found nothing.
+    pub const AUDIT_CLEAN: &str = "AuditClean";
 }
 
 /// A condition about to be written. `reason` is CamelCase, `message` is for humans.

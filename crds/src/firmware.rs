@@ -77,6 +77,12 @@ pub fn public_key_base64(key: &VerifyingKey) -> String {
     STANDARD.encode(key.to_bytes())
 }
 
+/// A trusted key's `publicKey`: base64 of a raw 32-byte Ed25519 public key.
+pub fn parse_public_key(b64: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = STANDARD.decode(b64).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
 /// Checks the manifest's signature against the trusted key its `keyId` names.
 pub fn verify(manifest: &FirmwareManifest, trusted: &[TrustedKey]) -> Result<(), SignatureError> {
     let key_id = &manifest.signature.key_id;
@@ -84,13 +90,8 @@ pub fn verify(manifest: &FirmwareManifest, trusted: &[TrustedKey]) -> Result<(),
         .iter()
         .find(|k| &k.key_id == key_id)
         .ok_or_else(|| SignatureError::UnknownKey(key_id.clone()))?;
-    let public: [u8; 32] = STANDARD
-        .decode(&trusted_key.public_key)
-        .ok()
-        .and_then(|b| b.try_into().ok())
+    let public = parse_public_key(&trusted_key.public_key)
         .ok_or_else(|| SignatureError::BadPublicKey(key_id.clone()))?;
-    let public = VerifyingKey::from_bytes(&public)
-        .map_err(|_| SignatureError::BadPublicKey(key_id.clone()))?;
     let signature: [u8; 64] = STANDARD
         .decode(&manifest.signature.value)
         .ok()

@@ -470,6 +470,8 @@ pub enum FindingKind {
     UnknownConduitZone,
     OverlappingDeviceCIDR,
     UndeclaredITtoOTPath,
+    /// A conduit the zone at its other end does not declare, so its policies block the flow.
+    OneSidedConduit,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -18,6 +18,7 @@ pub mod group;
 pub mod identity;
 pub mod rollout;
 mod schema;
+pub mod segmentation;
 pub mod selector;
 pub mod waves;
 pub mod wire;

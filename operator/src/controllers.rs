@@ -7,7 +7,7 @@ use kube::{Api, Client, Resource, runtime::events::Reporter};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::{device, metrics::Metrics, rollout, runner::ControllerTask};
+use crate::{device, group, metrics::Metrics, rollout, runner::ControllerTask};
 
 /// What every controller may use.
 #[derive(Clone)]
@@ -46,5 +46,6 @@ pub fn all(shared: &Shared, shutdown: &CancellationToken) -> Vec<ControllerTask>
     vec![
         device::start(shared, shutdown),
         rollout::start(shared, shutdown),
+        group::start(shared, shutdown),
     ]
 }

@@ -6,6 +6,8 @@ pub mod config;
 pub mod controllers;
 pub mod device;
 pub mod device_plan;
+pub mod group;
+pub mod group_plan;
 pub mod leader;
 pub mod metrics;
 pub mod readiness;

@@ -7,6 +7,7 @@ mod gateway;
 mod identity;
 mod leader;
 mod rollout;
+mod segmentation;
 
 use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
 
@@ -47,6 +48,9 @@ fn all_tests() -> Vec<(&'static str, TestFn)> {
         rollout::two_hundred_devices_update_in_four_waves_through_soak_approval_and_an_operator_kill,
         rollout::failing_canaries_halt_the_first_wave_and_roll_back,
         rollout::devices_refuse_bad_firmware_and_report_why,
+        segmentation::two_zones_with_a_conduit_get_exactly_the_expected_policies,
+        segmentation::quarantined_and_non_compliant_devices_are_isolated_and_released,
+        segmentation::the_audit_reports_unisolated_pods_leaks_unknown_zones_and_overlaps,
     ]
 }
 

@@ -953,10 +953,15 @@ pub async fn a_thousand_devices_roll_out_with_zero_soak(env: Arc<Env>) -> anyhow
         rig.operator
             .metric("fleetwarden_operator_api_writes_total{resource=\"updaterollouts/status\"")
     };
-    let (op0, gw0, ro0) = (
+    let group_writes = || {
+        rig.operator
+            .metric("fleetwarden_operator_api_writes_total{resource=\"devicegroups/status\"")
+    };
+    let (op0, gw0, ro0, gr0) = (
         operator_writes().await?,
         gateway_writes().await?,
         rollout_writes().await?,
+        group_writes().await?,
     );
     let started = std::time::Instant::now();
     rig.apply_rollout(
@@ -977,10 +982,12 @@ pub async fn a_thousand_devices_roll_out_with_zero_soak(env: Arc<Env>) -> anyhow
     let took = started.elapsed().as_secs_f64();
     let (op1, gw1) = (operator_writes().await?, gateway_writes().await?);
     let rollout_status_writes = rollout_writes().await? - ro0;
+    let group_status_writes = group_writes().await? - gr0;
     let totals = done.status.and_then(|s| s.totals).context("no totals")?;
     eprintln!(
         "{N} devices, 4 waves, soak 0, check-in every {interval}: rollout start to Succeeded in {took:.1}s; \
-         operator API writes {:.0} ({rollout_status_writes:.0} rollout status, rest events); \
+         operator API writes {:.0} ({rollout_status_writes:.0} rollout status, \
+         {group_status_writes:.0} group inventory, rest events); \
          gateway device-status writes {:.0} ({:.2} per device)",
         op1 - op0,
         gw1 - gw0,
