@@ -206,6 +206,50 @@ impl Env {
         Ok(gateway)
     }
 
+    /// Starts the admission webhooks with a serving certificate for 127.0.0.1 and waits until
+    /// their caches are ready.
+    pub async fn start_webhooks(&self, tag: &str) -> anyhow::Result<Webhooks> {
+        let dir = self.scratch.join(format!("{tag}-webhooks-pki"));
+        let pki = fleet::ServerPki::generate(&dir)?;
+        let (port, metrics_port) = (free_port()?, free_port()?);
+        let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let process = self.spawn(
+            "fleetwarden-webhooks",
+            &format!("{tag}-webhooks"),
+            &[
+                "--listen",
+                &listen,
+                "--metrics-addr",
+                &metrics,
+                "--tls-cert",
+                path_str(&pki.cert),
+                "--tls-key",
+                path_str(&pki.key),
+            ],
+        )?;
+        let webhooks = Webhooks {
+            process,
+            port,
+            metrics_port,
+            ca_pem: std::fs::read_to_string(&pki.ca)?,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "the webhooks to be ready",
+            || async {
+                Ok(http_get(webhooks.metrics_port, "/readyz")
+                    .await
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+                    .map(|_| ()))
+            },
+        )
+        .await
+        .with_context(|| format!("webhooks log:\n{}", webhooks.process.log()))?;
+        Ok(webhooks)
+    }
+
     /// Like [`Env::start_operator`], without waiting for it to lead.
     pub fn spawn_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
         let port = free_port()?;
@@ -376,6 +420,27 @@ impl Gateway {
     }
 
     /// Sum of a gateway metric's samples (see [`sum_metric`]).
+    pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let (status, body) = http_get(self.metrics_port, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(sum_metric(&body, prefix))
+    }
+}
+
+/// A webhooks process under test: its HTTPS port, metrics port, and the CA that signed its
+/// serving certificate (the `caBundle` of a webhook configuration).
+pub struct Webhooks {
+    pub process: Process,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub ca_pem: String,
+}
+
+impl Webhooks {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+
     pub async fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
         let (status, body) = http_get(self.metrics_port, "/metrics").await?;
         anyhow::ensure!(status == 200, "/metrics answered {status}");
@@ -577,6 +642,7 @@ const BINARIES: &[(&str, &[&str])] = &[
     ("fleetwarden-gateway", &["gateway", "crds", "plumbing"]),
     ("fleetwarden-agent", &["agent", "crds", "plumbing"]),
     ("kubectl-fleet", &["cli", "crds"]),
+    ("fleetwarden-webhooks", &["webhooks", "crds", "plumbing"]),
 ];
 
 /// Checks that the binaries under test exist and are newer than their sources. Cargo holds the

@@ -8,6 +8,7 @@ mod identity;
 mod leader;
 mod rollout;
 mod segmentation;
+mod webhooks;
 
 use std::{future::Future, pin::Pin, process::ExitCode, sync::Arc};
 
@@ -51,6 +52,7 @@ fn all_tests() -> Vec<(&'static str, TestFn)> {
         segmentation::two_zones_with_a_conduit_get_exactly_the_expected_policies,
         segmentation::quarantined_and_non_compliant_devices_are_isolated_and_released,
         segmentation::the_audit_reports_unisolated_pods_leaks_unknown_zones_and_overlaps,
+        webhooks::the_api_server_calls_our_webhooks_and_shows_their_messages,
     ]
 }
 
