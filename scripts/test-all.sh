@@ -30,14 +30,15 @@ cargo test --workspace --exclude e2e --locked
 step "generated CRD YAML is current"
 cargo run --quiet --locked -p fleetwarden-crds --bin crdgen -- --check
 
-step "control plane: Debian packages and the cached kube-apiserver build"
+step "control plane: Debian packages, the cached kube-apiserver build, helm"
 e2e/control-plane.sh deps
 e2e/control-plane.sh build
+e2e/control-plane.sh helm
 
 step "build the binaries under test"
 cargo build --workspace --bins --locked
 
-step "end-to-end tests (the harness starts and stops its own control plane)"
+step "end-to-end tests: the chart with helm, then the suite against the control plane"
 cargo test --locked -p e2e -- --test-threads "${E2E_THREADS:-4}"
 
 printf '\nall checks passed in %ds\n' "$((SECONDS - step_start))"

@@ -143,11 +143,40 @@ pub struct CertificateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_before: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uris: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usages: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key: Option<CertificatePrivateKey>,
+}
+
+/// cert-manager Issuer, the kinds the Helm chart creates (self-signed, CA); test clusters only.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "cert-manager.io",
+    version = "v1",
+    kind = "Issuer",
+    namespaced,
+    derive = "PartialEq",
+    doc = "cert-manager Issuer (the subset the Fleetwarden chart uses; test clusters only)."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_signed: Option<SelfSignedIssuer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaIssuer>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SelfSignedIssuer {}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaIssuer {
+    pub secret_name: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -36,13 +36,24 @@ pub const API_GROUP: &str = "fleetwarden.io";
 /// Label Fleetwarden puts on every object it creates.
 pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "fleetwarden");
 
-/// The CustomResourceDefinitions of this API, in install order.
+/// Argo CD applies sync waves in order; CRDs go first, before the webhook and its configuration.
+pub const SYNC_WAVE_ANNOTATION: &str = "argocd.argoproj.io/sync-wave";
+
+/// The CustomResourceDefinitions of this API, in install order, annotated for Argo CD's first
+/// sync wave.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    finished(vec![
+    let mut crds = finished(vec![
         DeviceGroup::crd(),
         Device::crd(),
         UpdateRollout::crd(),
-    ])
+    ]);
+    for crd in &mut crds {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SYNC_WAVE_ANNOTATION.to_string(), "-2".to_string());
+    }
+    crds
 }
 
 /// CRDs of the cert-manager subset Fleetwarden uses, for test control planes without
@@ -51,6 +62,7 @@ pub fn test_crds() -> Vec<CustomResourceDefinition> {
     finished(vec![
         certmanager::CertificateRequest::crd(),
         certmanager::Certificate::crd(),
+        certmanager::Issuer::crd(),
     ])
 }
 

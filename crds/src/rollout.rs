@@ -78,7 +78,9 @@ pub struct UpdateRolloutSpec {
     pub rollback_firmware: Option<FirmwareManifest>,
 
     /// Ordered waves; each one's share is cumulative (a 20% wave after a 5% one covers 20% of the
-    /// fleet in total). The last wave should reach 100%.
+    /// fleet in total). The last wave should reach 100%. Default: 5%, 20% and 50%, each soaking
+    /// an hour, then 100%.
+    #[serde(default = "default_waves")]
     #[schemars(length(min = 1, max = 16))]
     pub waves: Vec<Wave>,
 
@@ -209,6 +211,25 @@ pub struct Wave {
     /// The wave starts only when `approvedWaves` covers it.
     #[serde(default)]
     pub requires_approval: bool,
+}
+
+fn default_waves() -> Vec<Wave> {
+    [
+        ("canary", 5, 3600),
+        ("early", 20, 3600),
+        ("half", 50, 3600),
+        ("all", 100, 0),
+    ]
+    .into_iter()
+    .map(|(name, percent, soak)| Wave {
+        name: Some(name.to_string()),
+        percent: Some(percent),
+        count: None,
+        canary_selector: None,
+        soak: Duration::from_secs(soak),
+        requires_approval: false,
+    })
+    .collect()
 }
 
 fn default_soak() -> Duration {

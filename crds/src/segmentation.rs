@@ -153,9 +153,9 @@ impl fmt::Display for IsolationReason {
 }
 
 /// Whether the device must be isolated. Non-compliance counts once the device holds an identity
-/// (before its first enrollment there is nothing to judge, and isolating every new device would
-/// make the except-list grow with the fleet) and only when the group quarantines non-compliant
-/// devices.
+/// and has checked in (before that its posture is not known yet: isolating every new device
+/// would make the except-list grow with the fleet, and every enrollment would isolate and
+/// release it a moment later), and only when the group quarantines non-compliant devices.
 pub fn isolation(device: &Device, group: &DeviceGroupSpec) -> Option<IsolationReason> {
     match device.spec.lifecycle {
         Lifecycle::Quarantined => return Some(IsolationReason::Quarantined),
@@ -165,6 +165,7 @@ pub fn isolation(device: &Device, group: &DeviceGroupSpec) -> Option<IsolationRe
     }
     let status = device.status.as_ref()?;
     status.identity.as_ref()?;
+    status.last_seen.as_ref()?;
     let compliant = conditions::find(&status.conditions, types::COMPLIANT)?;
     (group.compliance.quarantine_non_compliant && compliant.status == conditions::FALSE)
         .then_some(IsolationReason::NonCompliant)
@@ -807,6 +808,7 @@ mod tests {
                 "conditions": [{"type": "Compliant", "status": if c {"True"} else {"False"},
                     "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
                 "reported": {"addresses": ["10.30.3.99"]},
+                "lastSeen": "2026-11-25T11:00:00Z",
             });
         }
         serde_json::from_value(json!({
@@ -1072,6 +1074,13 @@ mod tests {
             isolation(&device("Active", &[], None), &spec),
             None,
             "not enrolled yet"
+        );
+        let mut silent = device("Active", &[], Some(false));
+        silent.status.as_mut().unwrap().last_seen = None;
+        assert_eq!(
+            isolation(&silent, &spec),
+            None,
+            "enrolled, never checked in: posture unknown"
         );
         assert_eq!(
             isolation(&device("Quarantined", &[], Some(true)), &spec),

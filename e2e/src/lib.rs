@@ -8,6 +8,7 @@
 
 pub mod artifacts;
 pub mod fleet;
+pub mod helm;
 pub mod issuer;
 
 use std::{
@@ -139,7 +140,17 @@ impl Env {
     /// Starts an operator that watches only `ns` and elects its leader on a Lease there, and
     /// waits until it leads.
     pub async fn start_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
-        let operator = self.spawn_operator(ns, tag)?;
+        self.start_operator_as(&self.kubeconfig, ns, tag).await
+    }
+
+    /// Like [`Env::start_operator`], talking to the API server through `kubeconfig`.
+    pub async fn start_operator_as(
+        &self,
+        kubeconfig: &Path,
+        ns: &str,
+        tag: &str,
+    ) -> anyhow::Result<Operator> {
+        let operator = self.spawn_operator_with(kubeconfig, ns, tag)?;
         eventually(Duration::from_secs(20), "the operator to lead", || async {
             Ok(
                 (operator.metric("fleetwarden_operator_leader").await.ok() == Some(1.0))
@@ -155,6 +166,18 @@ impl Env {
     /// server certificate for 127.0.0.1, and waits until it is ready.
     pub async fn start_gateway(
         &self,
+        ns: &str,
+        fleet_ca_pem: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Gateway> {
+        self.start_gateway_as(&self.kubeconfig, ns, fleet_ca_pem, extra)
+            .await
+    }
+
+    /// Like [`Env::start_gateway`], talking to the API server through `kubeconfig`.
+    pub async fn start_gateway_as(
+        &self,
+        kubeconfig: &Path,
         ns: &str,
         fleet_ca_pem: &str,
         extra: &[&str],
@@ -183,7 +206,12 @@ impl Env {
             "1s",
         ];
         args.extend_from_slice(extra);
-        let process = self.spawn("fleetwarden-gateway", &format!("{ns}-gateway"), &args)?;
+        let process = self.spawn_with(
+            kubeconfig,
+            "fleetwarden-gateway",
+            &format!("{ns}-gateway"),
+            &args,
+        )?;
         let gateway = Gateway {
             process,
             port,
@@ -252,9 +280,19 @@ impl Env {
 
     /// Like [`Env::start_operator`], without waiting for it to lead.
     pub fn spawn_operator(&self, ns: &str, tag: &str) -> anyhow::Result<Operator> {
+        self.spawn_operator_with(&self.kubeconfig, ns, tag)
+    }
+
+    fn spawn_operator_with(
+        &self,
+        kubeconfig: &Path,
+        ns: &str,
+        tag: &str,
+    ) -> anyhow::Result<Operator> {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
-        let process = self.spawn(
+        let process = self.spawn_with(
+            kubeconfig,
             "fleetwarden-operator",
             &format!("{ns}-{tag}"),
             &[
@@ -275,6 +313,33 @@ impl Env {
             ],
         )?;
         Ok(Operator { process, port })
+    }
+
+    /// A copy of the harness kubeconfig that impersonates ServiceAccount `namespace/name` (with
+    /// the groups Kubernetes gives ServiceAccounts), so a process runs with exactly that
+    /// account's RBAC.
+    pub fn kubeconfig_as_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?;
+        let mut config: serde_json::Value = serde_norway::from_str(&text)?;
+        let users = config["users"]
+            .as_array_mut()
+            .context("kubeconfig without users")?;
+        for user in users {
+            user["user"]["as"] =
+                serde_json::json!(format!("system:serviceaccount:{namespace}:{name}"));
+            user["user"]["as-groups"] = serde_json::json!([
+                "system:serviceaccounts",
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated"
+            ]);
+        }
+        let path = self.scratch.join(format!("kubeconfig-{namespace}-{name}"));
+        std::fs::write(&path, serde_norway::to_string(&config)?)?;
+        Ok(path)
     }
 
     /// A fresh namespace for one test, removed when the run ends.
@@ -355,11 +420,22 @@ impl Env {
 
     /// Starts one of our binaries against this cluster; output goes to `<scratch>/<log_name>.log`.
     pub fn spawn(&self, binary: &str, log_name: &str, args: &[&str]) -> anyhow::Result<Process> {
+        self.spawn_with(&self.kubeconfig, binary, log_name, args)
+    }
+
+    /// Like [`Env::spawn`], with another kubeconfig (e.g. one impersonating a ServiceAccount).
+    pub fn spawn_with(
+        &self,
+        kubeconfig: &Path,
+        binary: &str,
+        log_name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Process> {
         let log_path = self.scratch.join(format!("{log_name}.log"));
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(self.binary(binary))
             .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env(
                 "FLEETWARDEN_LOG",
                 std::env::var("FLEETWARDEN_E2E_LOG").unwrap_or_else(|_| "info,kube=warn".into()),

@@ -956,6 +956,7 @@ fn managed_certificate(
             common_name: device.metadata.name.clone(),
             duration: Some(certs.duration.to_string()),
             renew_before: Some(certs.renew_before.to_string()),
+            dns_names: Vec::new(),
             uris: vec![spiffe.to_string()],
             usages: vec![
                 USAGE_CLIENT_AUTH.to_string(),

@@ -137,6 +137,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_without_waves_gets_four_cautious_ones() {
+        let rollout = json!({"spec": {
+            "target": {"groups": ["cell"]},
+            "firmware": {"version": "1", "securityVersion": 1, "sha256": "0".repeat(64),
+                "sizeBytes": 1, "hardwareModels": ["m"], "expires": "2030-01-01T00:00:00Z",
+                "url": "https://x/y", "signature": {"keyId": "k", "value": "v"}},
+        }});
+        let patched = apply(&rollout, &patch::<UpdateRolloutSpec>(&rollout).unwrap());
+        let waves = patched["spec"]["waves"].as_array().unwrap();
+        let shares: Vec<_> = waves
+            .iter()
+            .map(|w| w["percent"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shares, [5, 20, 50, 100]);
+        assert_eq!(waves[0]["soak"], "1h");
+        assert!(patched["spec"]["deviceTimeout"].is_string());
+    }
+
+    #[test]
     fn undecodable_specs_get_no_patch() {
         assert!(patch::<DeviceSpec>(&json!({"spec": {"group": 7}})).is_none());
         assert!(patch::<DeviceSpec>(&json!({"metadata": {}})).is_none());

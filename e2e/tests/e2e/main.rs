@@ -3,6 +3,7 @@
 //! with any cargo test (`cargo test -p e2e -- leader`).
 
 mod api;
+mod chart;
 mod gateway;
 mod identity;
 mod leader;
@@ -53,6 +54,8 @@ fn all_tests() -> Vec<(&'static str, TestFn)> {
         segmentation::quarantined_and_non_compliant_devices_are_isolated_and_released,
         segmentation::the_audit_reports_unisolated_pods_leaks_unknown_zones_and_overlaps,
         webhooks::the_api_server_calls_our_webhooks_and_shows_their_messages,
+        chart::helm_installs_and_uninstalls_the_chart,
+        chart::the_operator_and_gateway_work_with_the_charts_rbac_only,
     ]
 }
 
