@@ -12,6 +12,8 @@
 #   control-plane.sh down    stop everything started by `up` (idempotent)
 #   control-plane.sh status  exit 0 when the API server answers /readyz
 #   control-plane.sh env     print `export KUBECONFIG=...` for eval
+#   control-plane.sh apiserver-stop|apiserver-start
+#                            stop or restart only kube-apiserver, on the same port (fault tests)
 #
 # Environment:
 #   FLEETWARDEN_CACHE      build cache, outside the checkout  (default ~/.cache/fleetwarden)
@@ -205,6 +207,35 @@ ready() {
     "https://127.0.0.1:$(cat "$STATE/api.port")/readyz" >/dev/null 2>&1
 }
 
+# Starts kube-apiserver on the port and etcd recorded in the state directory and waits until it
+# is ready. Also used on its own to bring a stopped API server back (fault tests).
+start_apiserver() {
+  local API_PORT etcd_port
+  API_PORT=$(cat "$STATE/api.port"); etcd_port=$(cat "$STATE/etcd.port")
+  log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+  setsid "$BIN_CACHE/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
+    --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
+    --client-ca-file="$STATE/pki/ca.crt" \
+    --authorization-mode=Node,RBAC \
+    --service-account-key-file="$STATE/pki/sa.pub" \
+    --service-account-signing-key-file="$STATE/pki/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc \
+    --service-cluster-ip-range=10.0.0.0/24 \
+    --enable-priority-and-fairness=false \
+    --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 \
+    --allow-privileged=true \
+    >>"$STATE/logs/kube-apiserver.log" 2>&1 &
+  echo $! >"$STATE/kube-apiserver.pid"
+  for _ in $(seq 1 150); do
+    ready && break
+    is_running kube-apiserver || { tail -n 20 "$STATE/logs/kube-apiserver.log" >&2; die "kube-apiserver exited; see $STATE/logs/kube-apiserver.log"; }
+    sleep 0.2
+  done
+  ready || die "kube-apiserver not ready after 30s; see $STATE/logs/kube-apiserver.log"
+}
+
 up() {
   if is_running kube-apiserver && ready; then
     log "already running; KUBECONFIG=$KUBECONFIG_PATH"
@@ -232,28 +263,8 @@ up() {
   done
   curl -sf "http://127.0.0.1:$etcd_port/health" >/dev/null 2>&1 || die "etcd did not become healthy; see $STATE/logs/etcd.log"
 
-  log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
-  setsid "$BIN_CACHE/kube-apiserver" \
-    --etcd-servers="http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
-    --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
-    --client-ca-file="$STATE/pki/ca.crt" \
-    --authorization-mode=Node,RBAC \
-    --service-account-key-file="$STATE/pki/sa.pub" \
-    --service-account-signing-key-file="$STATE/pki/sa.key" \
-    --service-account-issuer=https://kubernetes.default.svc \
-    --service-cluster-ip-range=10.0.0.0/24 \
-    --enable-priority-and-fairness=false \
-    --max-requests-inflight=2000 --max-mutating-requests-inflight=1000 \
-    --allow-privileged=true \
-    >"$STATE/logs/kube-apiserver.log" 2>&1 &
-  echo $! >"$STATE/kube-apiserver.pid"
-  for _ in $(seq 1 150); do
-    ready && break
-    is_running kube-apiserver || { tail -n 20 "$STATE/logs/kube-apiserver.log" >&2; die "kube-apiserver exited; see $STATE/logs/kube-apiserver.log"; }
-    sleep 0.2
-  done
-  ready || die "kube-apiserver not ready after 30s; see $STATE/logs/kube-apiserver.log"
+  echo "$etcd_port" >"$STATE/etcd.port"
+  start_apiserver
 
   write_kubeconfig "$KUBECONFIG_PATH" fleetwarden-admin "$STATE/pki/admin.crt" "$STATE/pki/admin.key"
   write_kubeconfig "$STATE/controller-manager.kubeconfig" system:kube-controller-manager \
@@ -308,6 +319,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) ready ;;
+  apiserver-stop) stop_one kube-apiserver; log "kube-apiserver stopped (etcd and the controller-manager keep running)" ;;
+  apiserver-start) is_running kube-apiserver || start_apiserver; log "kube-apiserver running" ;;
   env) [ -f "$KUBECONFIG_PATH" ] || die "not up; run: $0 up"; echo "export KUBECONFIG=$KUBECONFIG_PATH" ;;
   *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

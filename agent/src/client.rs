@@ -69,6 +69,16 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// Worth retrying later: the gateway was unreachable or overloaded, not a refusal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CallError::Transport(_) => true,
+            CallError::Refused { status, .. } | CallError::Unexpected { status, .. } => {
+                status.is_server_error() || status.as_u16() == 429
+            }
+        }
+    }
+
     /// The gateway's refusal reason, or a transport class, for statistics.
     pub fn reason(&self) -> String {
         match self {

@@ -93,6 +93,15 @@ pub enum DeviceError {
 }
 
 impl DeviceError {
+    /// Worth retrying with backoff (see [`CallError::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeviceError::Call(c) => c.is_transient(),
+            DeviceError::IssueTimeout(_) => true,
+            DeviceError::NotEnrolled | DeviceError::Local(_) => false,
+        }
+    }
+
     pub fn reason(&self) -> String {
         match self {
             DeviceError::Call(c) => c.reason(),

@@ -238,6 +238,8 @@ async fn main() -> anyhow::Result<()> {
                 device.enroll(&credential).await?;
                 tracing::info!("enrolled");
             }
+            let mut backoff =
+                agent::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
             loop {
                 let installed = slots.installed()?;
                 let report = ReportedState {
@@ -251,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 match device.check_in(&report).await {
                     Ok(answer) => {
+                        backoff.succeeded();
                         if once {
                             println!("{}", serde_json::to_string_pretty(&answer)?);
                             return Ok(());
@@ -281,17 +284,19 @@ async fn main() -> anyhow::Result<()> {
                                 tracing::warn!(error = %e, "renewal failed; retrying at the next check-in");
                             }
                         }
-                        tokio::time::sleep(Duration::from_secs(
-                            answer.check_in_interval_seconds.max(1),
-                        ))
-                        .await;
+                        // +-10%, so devices that came back together drift apart again.
+                        let interval = Duration::from_secs(answer.check_in_interval_seconds.max(1));
+                        let spread = 0.9 + 0.2 * agent::backoff::jitter(std::process::id().into());
+                        tokio::time::sleep(interval.mul_f64(spread)).await;
                     }
                     Err(e) => {
                         if once {
                             return Err(e.into());
                         }
-                        tracing::warn!(error = %e, "check-in failed");
-                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        let wait =
+                            backoff.failed(agent::backoff::jitter(std::process::id().into()));
+                        tracing::warn!(error = %e, retry_in = ?wait, "check-in failed");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::{
+    backoff::Backoff,
     client::Endpoint,
     device::{Credential, Device, Name, Storage},
     firmware::{Installed, Target, Updater},
@@ -210,10 +211,28 @@ async fn simulate_one(
             return;
         }
     };
+    let mut rng = Rng::new(index as u64 + 1);
     let enrolled = {
         let _slot = slots.acquire().await;
         let start = Instant::now();
-        let result = device.enroll(&Credential::Token(sim.token.clone())).await;
+        // A gateway that is unreachable or overloaded is retried with jittered backoff, as a
+        // real device does; refusals are final.
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let give_up = tokio::time::Instant::now() + plan.duration;
+        let result = loop {
+            let result = device.enroll(&Credential::Token(sim.token.clone())).await;
+            match &result {
+                Err(e)
+                    if e.is_transient()
+                        && !plan.stop.is_cancelled()
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    tracing::debug!(device = %sim.name, error = %e, "enrollment failed; retrying");
+                    tokio::time::sleep(backoff.failed(rng.next_f64())).await;
+                }
+                _ => break result,
+            }
+        };
         let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(()) => {
@@ -233,7 +252,6 @@ async fn simulate_one(
     }
     let deadline = tokio::time::Instant::now() + plan.duration;
 
-    let mut rng = Rng::new(index as u64 + 1);
     let mut installed = Installed {
         active: BootSlot::A,
         version: plan.firmware_version.clone(),
@@ -260,6 +278,9 @@ async fn simulate_one(
     };
     nap(tokio::time::Instant::now() + first).await;
     let mut generation = 1u64;
+    // After a failed check-in (gateway restarting, network down) retry with growing, jittered
+    // waits instead of all devices returning on the same tick.
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     while tokio::time::Instant::now() < deadline && !stop.is_cancelled() {
         if rng.next_f64() < plan.report_change_rate {
             generation += 1;
@@ -282,6 +303,12 @@ async fn simulate_one(
                 Err(e) => bump(&mut t.checkin_errors, e.reason()),
             }
         }
+        if result.is_err() {
+            let wait = backoff.failed(rng.next_f64());
+            nap(tokio::time::Instant::now() + wait).await;
+            continue;
+        }
+        backoff.succeeded();
         if let Ok(answer) = &result
             && plan.check_in_interval.is_none()
         {
@@ -317,7 +344,9 @@ async fn simulate_one(
                 continue;
             }
         }
-        nap(tokio::time::Instant::now() + interval).await;
+        // +-10% per interval: devices that came back together (after an outage) drift apart
+        // instead of checking in in lockstep forever.
+        nap(tokio::time::Instant::now() + interval.mul_f64(0.9 + 0.2 * rng.next_f64())).await;
     }
 }
 

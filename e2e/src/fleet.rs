@@ -26,6 +26,16 @@ pub struct ServerPki {
 }
 
 impl ServerPki {
+    /// The PKI a previous [`ServerPki::generate`] wrote into `dir`, if complete.
+    pub fn existing(dir: &Path) -> Option<Self> {
+        let pki = Self {
+            ca: dir.join("gateway-ca.pem"),
+            cert: dir.join("gateway.pem"),
+            key: dir.join("gateway-key.pem"),
+        };
+        (pki.ca.is_file() && pki.cert.is_file() && pki.key.is_file()).then_some(pki)
+    }
+
     pub fn generate(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let (ca_pem, issuer) = new_ca("e2e gateway CA")?;

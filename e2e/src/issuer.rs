@@ -47,6 +47,10 @@ use rcgen::{
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+/// Status writes all test issuers made (answers to CertificateRequests), for write accounting
+/// in benchmarks. Counts a request that already had an answer too, so it is an upper bound.
+pub static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// API group of the test issuer's issuerRefs; no such CRD exists, as with many external issuers
 /// only the reference matters.
 pub const ISSUER_GROUP: &str = "e2e.fleetwarden.io";
@@ -209,17 +213,41 @@ async fn pass(
     work: &mut Work,
 ) -> anyhow::Result<()> {
     let api: Api<CertificateRequest> = Api::namespaced(client.clone(), ns);
-    let all_requests: Vec<CertificateRequest> =
-        requests.state().iter().map(|r| (**r).clone()).collect();
-    for cr in all_requests
+    let all = requests.state();
+    // Answer the open requests concurrently, as a real issuer with several workers does.
+    let open: Vec<Arc<CertificateRequest>> = all
         .iter()
         .filter(|cr| ours(&cr.spec.issuer_ref, name))
-    {
-        let uid = cr.uid().unwrap_or_default();
-        if !work.answered.contains(&uid) && sign_if_approved(&api, cr, ca).await? {
+        .filter(|cr| !work.answered.contains(&cr.uid().unwrap_or_default()))
+        .cloned()
+        .collect();
+    let answered: Vec<anyhow::Result<Option<String>>> = futures::stream::iter(open)
+        .map(move |cr: Arc<CertificateRequest>| {
+            let api = api.clone();
+            async move {
+                let done = sign_if_approved(&api, &cr, ca).await?;
+                if done {
+                    WRITES.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(done.then(|| cr.uid().unwrap_or_default()))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for result in answered {
+        if let Some(uid) = result? {
             work.answered.insert(uid);
         }
     }
+    let all_requests: Vec<CertificateRequest> = all
+        .iter()
+        .filter(|cr| {
+            cr.annotations()
+                .contains_key(certmanager::CERTIFICATE_NAME_ANNOTATION)
+        })
+        .map(|r| (**r).clone())
+        .collect();
     for cert in certificates
         .state()
         .iter()

@@ -182,11 +182,28 @@ impl Env {
         fleet_ca_pem: &str,
         extra: &[&str],
     ) -> anyhow::Result<Gateway> {
+        self.start_gateway_on(kubeconfig, ns, fleet_ca_pem, extra, None)
+            .await
+    }
+
+    /// Starts a gateway for `ns` on `port` (a free one when `None`). A gateway started again for
+    /// the same namespace keeps its server certificate, so devices that trust it reconnect.
+    pub async fn start_gateway_on(
+        &self,
+        kubeconfig: &Path,
+        ns: &str,
+        fleet_ca_pem: &str,
+        extra: &[&str],
+        port: Option<u16>,
+    ) -> anyhow::Result<Gateway> {
         let dir = self.scratch.join(format!("{ns}-gateway-pki"));
-        let pki = fleet::ServerPki::generate(&dir)?;
+        let pki = match fleet::ServerPki::existing(&dir) {
+            Some(pki) => pki,
+            None => fleet::ServerPki::generate(&dir)?,
+        };
         let fleet_ca = dir.join("fleet-ca.pem");
         std::fs::write(&fleet_ca, fleet_ca_pem)?;
-        let (port, metrics_port) = (free_port()?, free_port()?);
+        let (port, metrics_port) = (port.map_or_else(free_port, Ok)?, free_port()?);
         let listen = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
         let mut args = vec![
@@ -447,6 +464,31 @@ impl Env {
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
         Ok(Process { child, log_path })
+    }
+
+    /// Stops the API server alone (etcd and the controller-manager keep running), for fault
+    /// tests. Only when this harness started the control plane.
+    pub async fn apiserver_stop(&self) -> anyhow::Result<()> {
+        self.control_plane("apiserver-stop").await
+    }
+
+    /// Starts the API server again on the same port and waits until it is ready.
+    pub async fn apiserver_start(&self) -> anyhow::Result<()> {
+        self.control_plane("apiserver-start").await
+    }
+
+    async fn control_plane(&self, command: &str) -> anyhow::Result<()> {
+        let state = self.owned_control_plane.as_ref().context(
+            "the API server belongs to an existing cluster; fault tests need the harness's own",
+        )?;
+        let status = Command::new("bash")
+            .arg(self.root.join("e2e/control-plane.sh"))
+            .arg(command)
+            .env("FLEETWARDEN_CP_DIR", state)
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "control-plane.sh {command} failed");
+        Ok(())
     }
 
     /// Removes what the run created; stops the control plane if the harness started it.

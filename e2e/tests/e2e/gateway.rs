@@ -863,3 +863,107 @@ pub async fn a_thousand_simulated_devices_enroll_and_check_in(env: Arc<Env>) -> 
     );
     Ok(())
 }
+
+/// Fault: the gateway restarts under a thousand connected devices. They retry with growing,
+/// jittered waits, so the new gateway sees them come back spread out rather than all at once;
+/// prints the time until every device checked in again and the peak request rate against the
+/// steady one.
+pub async fn a_gateway_restart_under_a_thousand_devices_brings_them_back_without_a_herd(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    const N: usize = 1000;
+    let mut f = setup(&env, "gateway-restart", json!({}), &[]).await?;
+    let names: Vec<String> = (0..N).map(|i| format!("sim-{i:04}")).collect();
+    let tokens =
+        fleet::provision(&f.env.client, &f.ns, "cell", MODEL, "cell-tokens", &names).await?;
+    let list = f.write("devices.json", &serde_json::to_string(&tokens)?)?;
+    let url = f.gateway.url();
+    let mut sim = env.spawn(
+        "fleetwarden-agent",
+        &format!("{}-sim", f.ns),
+        &[
+            "simulate",
+            "--gateway",
+            &url,
+            "--gateway-ca",
+            path(&f.gateway.ca_file),
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--devices",
+            path(&list),
+            "--duration",
+            "10m",
+            "--check-in-interval",
+            "5s",
+            "--enroll-concurrency",
+            "100",
+        ],
+    )?;
+    let checkins = "fleetwarden_gateway_checkins_total";
+    let attempts = "fleetwarden_gateway_requests_total{endpoint=\"checkin\"";
+    eventually(
+        Duration::from_secs(300),
+        "every device enrolled and reporting",
+        || async {
+            let list = f.devices.list(&Default::default()).await?.items;
+            let reporting = list
+                .iter()
+                .filter(|d| d.status.as_ref().is_some_and(|s| s.reported.is_some()))
+                .count();
+            Ok((reporting == N).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("simulator log:\n{}", sim.log()))?;
+    let a0 = f.gateway.metric(attempts).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let steady = (f.gateway.metric(attempts).await? - a0) / 10.0;
+
+    let port = f.gateway.port;
+    f.gateway.process.terminate(Duration::from_secs(25)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    f.gateway = env
+        .start_gateway_on(&env.kubeconfig, &f.ns, &f.issuer.ca_pem, &[], Some(port))
+        .await?;
+    let back = std::time::Instant::now();
+    let mut per_second = Vec::new();
+    let mut last = f.gateway.metric(attempts).await?;
+    let mut recovered = None;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = f.gateway.metric(attempts).await?;
+        per_second.push(now - last);
+        last = now;
+        if recovered.is_none() && f.gateway.metric(checkins).await? >= N as f64 {
+            recovered = Some(back.elapsed());
+        }
+    }
+    let peak = per_second.iter().copied().fold(0.0, f64::max);
+    let recovered = recovered.context("devices did not all come back within 30 s")?;
+    eprintln!(
+        "gateway restart under {N} devices: back to {N} check-ins {:.1}s after the new gateway \
+         was ready; steady {steady:.0} check-ins/s, peak {peak:.0}/s ({:.1}x); per second: {per_second:?}",
+        recovered.as_secs_f64(),
+        peak / steady
+    );
+    ensure!(
+        peak < N as f64 / 2.0,
+        "a thundering herd: {peak:.0} of {N} devices came back within one second ({steady:.0}/s steady)"
+    );
+    sim.terminate(Duration::from_secs(30)).await?;
+    let report: Value = sim
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"devices\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .context("the simulator printed no report")?;
+    ensure!(report["enrolled"] == json!(N), "{report}");
+    ensure!(
+        report["enrollErrors"]
+            .as_object()
+            .is_some_and(|m| m.is_empty()),
+        "{report}"
+    );
+    Ok(())
+}

@@ -65,6 +65,8 @@ fn heavy_tests() -> Vec<(&'static str, TestFn)> {
     tests![
         gateway::a_thousand_simulated_devices_enroll_and_check_in,
         rollout::a_thousand_devices_roll_out_with_zero_soak,
+        rollout::an_api_server_outage_mid_rollout_loses_and_double_counts_nothing,
+        gateway::a_gateway_restart_under_a_thousand_devices_brings_them_back_without_a_herd,
     ]
 }
 

@@ -1004,3 +1004,106 @@ pub async fn a_thousand_devices_roll_out_with_zero_soak(env: Arc<Env>) -> anyhow
     );
     Ok(())
 }
+
+/// Fault: the API server goes away for 30 s in the middle of a rollout. The operator, gateway
+/// and devices ride it out; afterwards the rollout finishes with every device counted once, no
+/// wave started twice, and the time from the API server's return to Succeeded is printed.
+pub async fn an_api_server_outage_mid_rollout_loses_and_double_counts_nothing(
+    env: Arc<Env>,
+) -> anyhow::Result<()> {
+    const N: usize = 100;
+    let rig = rig(&env, "rollout-apiserver-outage").await?;
+    rig.group("cell", vec![rig.vendor_trusted.clone()]).await?;
+    let devices = rig.provision("cell", N).await?;
+    let sim = rig.simulate("cell", &devices, &[&rig.vendor_trusted], "2s")?;
+    let api = rig.devices();
+    eventually(
+        Duration::from_secs(180),
+        "all devices reporting",
+        || async {
+            let list = api.list(&Default::default()).await?.items;
+            Ok((list
+                .iter()
+                .filter(|d| reported_version(d) == Some(OLD))
+                .count()
+                == N)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let new_image = image(77, 128 * 1024);
+    let firmware = rig
+        .sign(
+            &rig.vendor_key,
+            "vendor-2026",
+            NEW,
+            12,
+            ("/fw/outage.bin", new_image.clone()),
+            &new_image,
+            &[],
+        )
+        .await?;
+    rig.apply_rollout(
+        "outage",
+        json!({
+            "target": {"groups": ["cell"]}, "firmware": firmware, "successThresholdPercent": 100,
+            "waves": [{"percent": 10, "soak": "3s"}, {"percent": 40, "soak": "3s"}, {"percent": 70}, {"percent": 100}]
+        }),
+    )
+    .await?;
+    rig.until("outage", 120, "wave 2 to start", |r| {
+        r.status.as_ref().is_some_and(|s| s.current_wave >= 2)
+    })
+    .await?;
+
+    env.apiserver_stop().await?;
+    let down = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    env.apiserver_start().await?;
+    let back = std::time::Instant::now();
+    eprintln!(
+        "API server down for {:.1}s",
+        back.duration_since(down).as_secs_f64()
+    );
+
+    let done = rig
+        .until(
+            "outage",
+            300,
+            "the rollout to succeed after the outage",
+            |r| phase(r) == Some(RolloutPhase::Succeeded),
+        )
+        .await?;
+    eprintln!(
+        "API server back -> rollout Succeeded in {:.1}s",
+        back.elapsed().as_secs_f64()
+    );
+    let s = done.status.context("no status")?;
+    let totals = s.totals.context("no totals")?;
+    ensure!(
+        totals.succeeded == N as u32 && totals.failed == 0 && totals.eligible == N as u32,
+        "{totals:?}"
+    );
+    let planned: Vec<u32> = s.waves.iter().map(|w| w.planned).collect();
+    ensure!(planned == [10, 30, 30, 30], "{planned:?}");
+    let events = rig.events("outage").await?;
+    for reason in ["WaveStarted", "WaveCompleted"] {
+        let n = events.get(reason).map_or(0, Vec::len);
+        ensure!(
+            n == 4,
+            "{n} {reason} events, expected one per wave: {events:?}"
+        );
+    }
+    let list = api.list(&Default::default()).await?.items;
+    let updated = list
+        .iter()
+        .filter(|d| reported_version(d) == Some(NEW))
+        .count();
+    ensure!(updated == N, "{updated}/{N} devices report {NEW}");
+    let report = sim_report(sim).await?;
+    ensure!(
+        report["updatesInstalled"] == json!({NEW: N}),
+        "each device installed once: {report}"
+    );
+    Ok(())
+}
