@@ -73,7 +73,12 @@ impl CallError {
     pub fn is_transient(&self) -> bool {
         match self {
             CallError::Transport(_) => true,
-            CallError::Refused { status, .. } | CallError::Unexpected { status, .. } => {
+            // A device powered on before its Device object reached the gateway's cache is
+            // retried too (slowly, with backoff): provisioning races are normal.
+            CallError::Refused { status, body } => {
+                status.is_server_error() || status.as_u16() == 429 || body.error == "UnknownDevice"
+            }
+            CallError::Unexpected { status, .. } => {
                 status.is_server_error() || status.as_u16() == 429
             }
         }

@@ -206,6 +206,9 @@ impl Caches {
 /// How stale a cached wave plan may get while devices change.
 const PLAN_TTL: Duration = Duration::from_secs(2);
 
+/// Held by the one request fetching a key; the others wait on it.
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
 type TtlMap<K> = HashMap<(String, String), (Instant, Option<Arc<K>>)>;
 
 /// Objects read on demand, remembered for `ttl`.
@@ -213,6 +216,9 @@ type TtlMap<K> = HashMap<(String, String), (Instant, Option<Arc<K>>)>;
 struct Ttl<K> {
     ttl: Duration,
     entries: Arc<Mutex<TtlMap<K>>>,
+    /// One fetch per key at a time: a burst of enrollments that all miss the cache waits for a
+    /// single read instead of each reading the (possibly large) token Secret.
+    fetching: Arc<Mutex<HashMap<(String, String), Gate>>>,
 }
 
 impl<K> Ttl<K> {
@@ -220,7 +226,14 @@ impl<K> Ttl<K> {
         Self {
             ttl,
             entries: Arc::default(),
+            fetching: Arc::default(),
         }
+    }
+
+    fn fresh(&self, key: &(String, String)) -> Option<Option<Arc<K>>> {
+        let entries = self.entries.lock().ok()?;
+        let (at, value) = entries.get(key)?;
+        (at.elapsed() < self.ttl).then(|| value.clone())
     }
 
     async fn get<F, Fut>(
@@ -234,11 +247,18 @@ impl<K> Ttl<K> {
         Fut: std::future::Future<Output = Result<Option<K>, kube::Error>>,
     {
         let key = (namespace.to_string(), name.to_string());
-        if let Ok(entries) = self.entries.lock()
-            && let Some((at, value)) = entries.get(&key)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(value.clone());
+        if let Some(value) = self.fresh(&key) {
+            return Ok(value);
+        }
+        let gate = self
+            .fetching
+            .lock()
+            .map(|mut f| f.entry(key.clone()).or_default().clone())
+            .unwrap_or_default();
+        let _turn = gate.lock().await;
+        // Whoever held the gate before us may have just fetched it.
+        if let Some(value) = self.fresh(&key) {
+            return Ok(value);
         }
         let value = fetch().await?.map(Arc::new);
         if let Ok(mut entries) = self.entries.lock() {
@@ -246,5 +266,38 @@ impl<K> Ttl<K> {
             entries.insert(key, (Instant::now(), value.clone()));
         }
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_misses_fetches_once() {
+        let ttl: Ttl<String> = Ttl::new(Duration::from_secs(10));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (ttl, fetches) = (ttl.clone(), fetches.clone());
+                tokio::spawn(async move {
+                    ttl.get("ns", "tokens", || async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(Some("secret".to_string()))
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            let got = t.await.unwrap().unwrap();
+            assert_eq!(got.as_deref().map(String::as_str), Some("secret"));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // Another key is fetched on its own.
+        let other = ttl.get("ns", "other", || async { Ok(None) }).await.unwrap();
+        assert!(other.is_none());
     }
 }

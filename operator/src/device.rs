@@ -43,8 +43,10 @@ use crate::{
     FIELD_MANAGER,
     controllers::Shared,
     device_plan::{self, Inputs, Plan, StatusPlan, managed_certificate_name, managed_secret_name},
+    index::Index,
     runner::{self, ControllerTask, ReconcileError},
 };
+use futures::StreamExt;
 
 pub const CONTROLLER: &str = "device";
 pub const FINALIZER: &str = "fleetwarden.io/device-identity";
@@ -55,6 +57,8 @@ pub struct Context {
     pub client: Client,
     pub groups: Store<DeviceGroup>,
     pub requests: Store<CertificateRequest>,
+    /// CertificateRequests by controlling Device uid, and by `cert:<ns>/<Certificate>`.
+    request_index: Arc<Index<CertificateRequest>>,
     pub certificates: Store<Certificate>,
     pub recorder: Recorder,
     pub shared: Shared,
@@ -173,11 +177,36 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
     let (requests, requests_writer) = reflector::store();
     let (certificates, certificates_writer) = reflector::store();
 
+    // A group's spec (policy, issuer) matters to its devices; its status (inventory, revoked
+    // serials, rewritten every few seconds on a busy fleet) does not. Only spec changes and
+    // deletions fan out to the group's devices.
+    let generations: Arc<Mutex<HashMap<String, Option<i64>>>> = Arc::default();
     let group_events = watcher(shared.api::<DeviceGroup>(), watcher::Config::default())
         .default_backoff()
         .modify(|g: &mut DeviceGroup| g.managed_fields_mut().clear())
         .reflect(groups_writer)
-        .touched_objects();
+        .filter_map(move |event| {
+            let generations = generations.clone();
+            async move {
+                let mut seen = generations.lock().ok()?;
+                match event {
+                    Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g)) => {
+                        let uid = g.uid().unwrap_or_default();
+                        let changed =
+                            seen.insert(uid, g.metadata.generation) != Some(g.metadata.generation);
+                        changed.then_some(Ok(g))
+                    }
+                    Ok(watcher::Event::Delete(g)) => {
+                        seen.remove(&g.uid().unwrap_or_default());
+                        Some(Ok(g))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        });
+    let request_index = Index::new(request_keys);
+    let indexer = request_index.clone();
     let request_events = watcher(
         shared.api::<CertificateRequest>(),
         watcher::Config::default(),
@@ -185,6 +214,11 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
     .default_backoff()
     .modify(slim_request)
     .reflect(requests_writer)
+    .inspect(move |event| {
+        if let Ok(e) = event {
+            indexer.observe(e);
+        }
+    })
     .touched_objects();
     let certificate_events = watcher(shared.api::<Certificate>(), watcher::Config::default())
         .default_backoff()
@@ -218,6 +252,7 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
         client,
         groups,
         requests,
+        request_index,
         certificates,
         shared: shared.clone(),
         expiring: Mutex::new(HashSet::new()),
@@ -231,6 +266,24 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
         shared.metrics.clone(),
         shutdown.clone(),
     )
+}
+
+/// Index keys of a CertificateRequest: its controller's uid, and the ManagedKey Certificate
+/// cert-manager made it for.
+fn request_keys(cr: &CertificateRequest) -> Vec<String> {
+    let mut keys: Vec<String> = cr
+        .owner_references()
+        .iter()
+        .filter(|o| o.controller == Some(true))
+        .map(|o| o.uid.clone())
+        .collect();
+    if let (Some(ns), Some(cert)) = (
+        cr.namespace(),
+        cr.annotations().get(CERTIFICATE_NAME_ANNOTATION),
+    ) {
+        keys.push(format!("cert:{ns}/{cert}"));
+    }
+    keys
 }
 
 /// Cached CertificateRequests keep what decisions need: the CSR only while a verdict is
@@ -363,20 +416,26 @@ fn cached(device: &Device, ctx: &Context) -> Cached {
         .certificates
         .get(&ObjectRef::new(&cert_name).within(&ns))
         .filter(|c| controlled_by_device(c.meta()));
-    let mut requests = Vec::new();
-    let mut certificate_requests = Vec::new();
-    for cr in ctx.requests.state() {
-        if cr.namespace().as_deref() != Some(ns.as_str()) {
-            continue;
-        }
-        if controlled_by_device(cr.meta()) {
-            requests.push(cr);
-        } else if certificate.is_some()
-            && cr.annotations().get(CERTIFICATE_NAME_ANNOTATION) == Some(&cert_name)
-        {
-            certificate_requests.push(cr);
-        }
-    }
+    let lookup = |key: &str| -> Vec<Arc<CertificateRequest>> {
+        ctx.request_index
+            .get(key)
+            .iter()
+            .filter_map(|r| ctx.requests.get(r))
+            .filter(|cr| cr.namespace().as_deref() == Some(ns.as_str()))
+            .collect()
+    };
+    let requests: Vec<_> = lookup(&uid)
+        .into_iter()
+        .filter(|cr| controlled_by_device(cr.meta()))
+        .collect();
+    let certificate_requests: Vec<_> = if certificate.is_some() {
+        lookup(&format!("cert:{ns}/{cert_name}"))
+            .into_iter()
+            .filter(|cr| !controlled_by_device(cr.meta()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Cached {
         group,
         requests,

@@ -8,6 +8,7 @@ pub mod device;
 pub mod device_plan;
 pub mod group;
 pub mod group_plan;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod readiness;

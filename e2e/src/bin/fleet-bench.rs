@@ -37,6 +37,8 @@ const TRUST_DOMAIN: &str = "fleet.bench";
 const MODEL: &str = "acme-pressctl-v3";
 const OLD: &str = "4.1.3";
 const NEW: &str = "4.2.0";
+/// Devices per DeviceGroup (and per enrollment-token Secret).
+const GROUP_SIZE: usize = 2500;
 
 struct Args {
     sizes: Vec<usize>,
@@ -140,6 +142,10 @@ async fn run(env: &Arc<Env>, args: &Args) -> anyhow::Result<String> {
         let f = fleet(env, n, args.interval, throughput).await?;
         say(format!("{n} devices: {f:?}"));
         all.push(f);
+        // Keep what is measured so far, should a larger size not finish.
+        if let Some(out) = &args.out {
+            std::fs::write(out, render(args, throughput, &all))?;
+        }
     }
     Ok(render(args, throughput, &all))
 }
@@ -173,7 +179,7 @@ async fn write_throughput(env: &Env) -> anyhow::Result<(f64, f64)> {
             async move {
                 api.patch(
                     &format!("w-{i}"),
-                    &PatchParams::apply("bench"),
+                    &PatchParams::apply("bench").force(),
                     &Patch::Apply(
                         json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"state": "b"}}),
                     ),
@@ -195,14 +201,21 @@ async fn metric(port: u16, prefix: &str) -> anyhow::Result<f64> {
     Ok(e2e::sum_metric(&body, prefix))
 }
 
-/// Cumulative histogram buckets (`le` -> count) of one series.
-async fn buckets(port: u16, name: &str, labels: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+/// Cumulative histogram buckets (`le` -> count) of the series of `name` carrying `label`.
+async fn buckets(port: u16, name: &str, label: &str) -> anyhow::Result<Vec<(f64, f64)>> {
     let (_, body) = http_get(port, "/metrics").await?;
-    let prefix = format!("{name}_bucket{{{labels},le=\"");
+    let prefix = format!("{name}_bucket{{");
     let mut out = Vec::new();
-    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
-        let rest = &line[prefix.len()..];
-        let (le, value) = rest.split_once("\"}").context("malformed bucket")?;
+    for line in body
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+    {
+        let (labels, value) = line.rsplit_once(' ').context("malformed bucket")?;
+        let le = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .context("bucket without le")?;
         let le = if le == "+Inf" {
             f64::INFINITY
         } else {
@@ -210,6 +223,7 @@ async fn buckets(port: u16, name: &str, labels: &str) -> anyhow::Result<Vec<(f64
         };
         out.push((le, value.trim().parse()?));
     }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(out)
 }
 
@@ -230,6 +244,69 @@ fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
         .iter()
         .find(|(_, c)| *c >= q * total)
         .map_or(f64::NAN, |(le, _)| *le)
+}
+
+/// Where enrollment time goes, from the objects' timestamps (second resolution): Device
+/// created -> CSR recorded by the gateway -> CertificateRequest created -> issued -> Enrolled.
+async fn stages(env: &Env, ns: &str, devices: &[Arc<Device>]) {
+    use crds::certmanager::CertificateRequest;
+    let requests: Api<CertificateRequest> = Api::namespaced(env.client.clone(), ns);
+    let Ok(list) = requests.list(&Default::default()).await else {
+        return;
+    };
+    let by_owner: std::collections::HashMap<String, &CertificateRequest> = list
+        .items
+        .iter()
+        .filter_map(|cr| {
+            let owner = cr.metadata.owner_references.as_ref()?.first()?;
+            Some((owner.name.clone(), cr))
+        })
+        .collect();
+    let mut gaps: [Vec<i64>; 4] = Default::default();
+    for d in devices {
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let (Some(created), Some(status), Some(cr)) = (
+            d.metadata.creation_timestamp.as_ref(),
+            d.status.as_ref(),
+            by_owner.get(&name),
+        ) else {
+            continue;
+        };
+        let csr = status.enrollment.as_ref().map(|e| e.requested_at.0);
+        let cr_created = cr.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let issued = cr
+            .status
+            .as_ref()
+            .and_then(|s| crds::certmanager::find_condition(&s.conditions, "Ready"))
+            .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0));
+        let enrolled =
+            conditions::find(&status.conditions, "Enrolled").map(|c| c.last_transition_time.0);
+        let points = [Some(created.0), csr, cr_created, issued, enrolled];
+        for (i, gap) in gaps.iter_mut().enumerate() {
+            if let (Some(a), Some(b)) = (points[i], points[i + 1]) {
+                gap.push(b.as_second() - a.as_second());
+            }
+        }
+    }
+    let describe = |v: &mut Vec<i64>| {
+        v.sort_unstable();
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        format!(
+            "p50 {}s p99 {}s",
+            v[v.len() / 2],
+            v[(v.len() * 99 / 100).min(v.len() - 1)]
+        )
+    };
+    let [a, b, c, d] = &mut gaps;
+    say(format!(
+        "enrollment stages: created->CSR {}, CSR->CertificateRequest {}, ->issued {}, ->Enrolled {}",
+        describe(a),
+        describe(b),
+        describe(c),
+        describe(d)
+    ));
 }
 
 fn peak_rss(process: &Process) -> u64 {
@@ -261,18 +338,28 @@ async fn fleet(
     let issuer = e2e::issuer::start(env.client.clone(), &ns, "bench-ca")?;
     let vendor = SigningKey::from_bytes(&[77; 32]);
     let groups: Api<DeviceGroup> = Api::namespaced(env.client.clone(), &ns);
-    let group: DeviceGroup = serde_json::from_value(json!({
-        "apiVersion": "fleetwarden.io/v1alpha1", "kind": "DeviceGroup", "metadata": {"name": "plant"},
-        "spec": {
+    // A token Secret holds at most about 4000 tokens (Secrets are limited to 1 MiB), so large
+    // fleets are split into groups of GROUP_SIZE, each with its own Secret; the first group is
+    // also a zone.
+    let group_count = n.div_ceil(GROUP_SIZE);
+    let group_names: Vec<String> = (0..group_count).map(|g| format!("plant-{g}")).collect();
+    for (g, name) in group_names.iter().enumerate() {
+        let mut spec = json!({
             "certificates": {"issuerRef": issuer.issuer_ref(), "trustDomain": TRUST_DOMAIN},
-            "enrollment": {"tokenSecretRef": {"name": "plant-tokens"}},
+            "enrollment": {"tokenSecretRef": {"name": format!("{name}-tokens")}},
             "firmware": {"trustedKeys": [{"keyId": "vendor", "publicKey": firmware::public_key_base64(&vendor.verifying_key())}]},
-            "segmentation": {"zone": format!("z-{ns}"), "workloadSelector": {"matchLabels": {"app": "scada"}},
-                             "deviceCIDRs": ["10.90.0.0/16"], "ports": [{"port": 4840}]},
             "checkInInterval": format!("{}s", interval.as_secs().max(1)),
+        });
+        if g == 0 {
+            spec["segmentation"] = json!({"zone": format!("z-{ns}"), "workloadSelector": {"matchLabels": {"app": "scada"}},
+                             "deviceCIDRs": ["10.90.0.0/16"], "ports": [{"port": 4840}]});
         }
-    }))?;
-    groups.create(&PostParams::default(), &group).await?;
+        let group: DeviceGroup = serde_json::from_value(json!({
+            "apiVersion": "fleetwarden.io/v1alpha1", "kind": "DeviceGroup", "metadata": {"name": name},
+            "spec": spec,
+        }))?;
+        groups.create(&PostParams::default(), &group).await?;
+    }
     let operator: Operator = env.start_operator(&ns, "operator").await?;
     let gateway: Gateway = env.start_gateway(&ns, &issuer.ca_pem, &[]).await?;
     let artifacts = ArtifactServer::start(&dir.join("artifacts")).await?;
@@ -298,12 +385,26 @@ async fn fleet(
     let names: Vec<String> = (0..n).map(|i| format!("dev-{i:05}")).collect();
     say(format!("{n}: provisioning"));
     let t0 = Instant::now();
-    let provisioned =
-        fleet::provision(&env.client, &ns, "plant", MODEL, "plant-tokens", &names).await?;
+    let mut provisioned = Vec::with_capacity(n);
+    for (chunk, group) in names.chunks(GROUP_SIZE).zip(&group_names) {
+        provisioned.extend(
+            fleet::provision(
+                &env.client,
+                &ns,
+                group,
+                MODEL,
+                &format!("{group}-tokens"),
+                chunk,
+            )
+            .await?,
+        );
+    }
     let list = dir.join("devices.json");
     std::fs::write(&list, serde_json::to_string(&provisioned)?)?;
     let gateway_url = gateway.url();
     let interval_arg = format!("{}s", interval.as_secs().max(1));
+    // A mass enrollment: up to a thousand devices at once, as when a site is commissioned.
+    let concurrency = n.min(1000).to_string();
     let key_arg = format!(
         "vendor={}",
         firmware::public_key_base64(&vendor.verifying_key())
@@ -326,7 +427,7 @@ async fn fleet(
             "--check-in-interval",
             &interval_arg,
             "--enroll-concurrency",
-            "256",
+            &concurrency,
             "--firmware-version",
             OLD,
             "--security-version",
@@ -373,8 +474,16 @@ async fn fleet(
         .await?,
         e2e::issuer::WRITES.load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
+    stages(env, &ns, &store.state()).await;
+    if let Ok((_, body)) = http_get(operator.port, "/metrics").await {
+        let lines: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("fleetwarden_operator_api_writes_total"))
+            .collect();
+        say(format!("{n}: operator writes by resource: {lines:?}"));
+    }
     // Device creates, the token Secret, and every write the components made.
-    let creates = n as f64 + 1.0;
+    let creates = (n + group_count) as f64;
     let patches = (op1 - op0) + (gw1 - gw0) + (is1 - is0);
     f.enroll_writes = creates + patches;
     f.floor_seconds = creates / throughput.0 + patches / throughput.1;
@@ -459,7 +568,7 @@ async fn fleet(
     let rollouts: Api<UpdateRollout> = Api::namespaced(env.client.clone(), &ns);
     let rollout: UpdateRollout = serde_json::from_value(json!({
         "apiVersion": "fleetwarden.io/v1alpha1", "kind": "UpdateRollout", "metadata": {"name": "to-4-2"},
-        "spec": {"target": {"groups": ["plant"]}, "firmware": manifest, "successThresholdPercent": 100,
+        "spec": {"target": {"groups": group_names}, "firmware": manifest, "successThresholdPercent": 100,
                  "deviceTimeout": "30m",
                  "waves": [{"percent": 5}, {"percent": 20}, {"percent": 50}, {"percent": 100}]}
     }))?;
@@ -690,7 +799,7 @@ fn render(args: &Args, throughput: (f64, f64), all: &[Figures]) -> String {
         s,
         "Definitions: enrollment runs the real path (device key and CSR in the simulator, EST \
         enrollment through the gateway with a single-use token, CSR policy and approval in the operator, \
-        signing by the test issuer, identity copied to status) with 256 enrollments in flight; its floor \
+        signing by the test issuer, identity copied to status) with up to 1000 enrollments in flight; its floor \
         is the same number of writes (Device creates at the create rate, the rest at the patch rate) \
         issued directly at the API server. Check-ins run over mutual TLS with session resumption; the \
         offered rate is devices / interval, so the achieved rate equals it unless the gateway (sharing the \
