@@ -630,6 +630,9 @@ async fn execute(device: &Device, ctx: &Context, plan: &Plan) -> Result<(), Erro
                 }
                 Err(e) => return Err(kube_err(&object, "approving the CertificateRequest")(e)),
             }
+            // A reconcile that runs before the watch shows this verdict must not repeat it
+            // (nor its Event).
+            ctx.remember_request(&ns, &format!("{}#verdict", verdict.request));
             metrics.enrollment(approved, verdict.policy_reason);
             publish(
                 ctx,
