@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kube::{Api, Client, Resource, runtime::events::Reporter};
+use kube::{Api, Client, Resource, ResourceExt, runtime::events::Reporter};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +37,19 @@ impl Shared {
         Reporter {
             controller: format!("fleetwarden-operator/{controller}"),
             instance: Some(self.identity.clone()),
+        }
+    }
+}
+
+/// What the rollout and group controllers keep of a cached Device: no managedFields, CSR or
+/// certificate PEM (their decisions never read them; a fleet's worth would dominate memory).
+pub fn slim_device(d: &mut crds::Device) {
+    d.managed_fields_mut().clear();
+    if let Some(s) = d.status.as_mut() {
+        s.enrollment = None;
+        if let Some(i) = s.identity.as_mut() {
+            i.certificate.clear();
+            i.ca = None;
         }
     }
 }

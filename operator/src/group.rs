@@ -125,16 +125,7 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
 
     let device_events = watcher(shared.api::<Device>(), watcher::Config::default())
         .default_backoff()
-        .modify(|d: &mut Device| {
-            d.managed_fields_mut().clear();
-            if let Some(s) = d.status.as_mut() {
-                s.enrollment = None;
-                if let Some(i) = s.identity.as_mut() {
-                    i.certificate.clear();
-                    i.ca = None;
-                }
-            }
-        })
+        .modify(crate::controllers::slim_device)
         .reflect(device_writer)
         .touched_objects();
     let rollout_events = watcher(shared.api::<UpdateRollout>(), watcher::Config::default())

@@ -100,17 +100,7 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
     let (groups, group_writer) = reflector::store();
     let device_events = watcher(shared.api::<Device>(), watcher::Config::default())
         .default_backoff()
-        .modify(|d: &mut Device| {
-            d.managed_fields_mut().clear();
-            // Rollout decisions never read certificates or CSRs.
-            if let Some(s) = d.status.as_mut() {
-                s.enrollment = None;
-                if let Some(i) = s.identity.as_mut() {
-                    i.certificate.clear();
-                    i.ca = None;
-                }
-            }
-        })
+        .modify(crate::controllers::slim_device)
         .reflect(device_writer)
         .touched_objects();
     let group_events = watcher(shared.api::<DeviceGroup>(), watcher::Config::default())
