@@ -53,29 +53,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     );
 
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let health_listener = health::bind(config.metrics_addr, "--metrics-addr").await?;
-    let (m, r) = (metrics.clone(), ready.clone());
-    let health_stop = CancellationToken::new();
-    let health_task = tokio::spawn(health::serve(
-        health_listener,
+    let m = metrics.clone();
+    let health = health::Started::serve(
+        config.metrics_addr,
+        "--metrics-addr",
         Arc::new(move || m.encode()),
-        Arc::new(move || {
-            if r.load(std::sync::atomic::Ordering::Relaxed) {
-                Ok(())
-            } else {
-                Err("caches not synced yet".to_string())
-            }
-        }),
-        health_stop.clone(),
-    ));
+        "caches not synced yet",
+    )
+    .await?;
 
     // Devices are only served once the caches hold the full picture.
     tokio::select! {
         r = caches.ready() => r.context("the Device and DeviceGroup watches failed")?,
         _ = shutdown.cancelled() => return Ok(()),
     }
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.ready();
     tracing::info!(
         devices = caches.devices.state().len(),
         groups = caches.groups.state().len(),
@@ -117,8 +109,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await;
 
-    health_stop.cancel();
-    let _ = health_task.await;
+    health.stop().await;
     tracing::info!("shut down cleanly");
     Ok(())
 }

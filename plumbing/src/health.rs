@@ -74,3 +74,49 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// The probe endpoint of a process that becomes ready once, after a start-up step (e.g. its
+/// caches syncing): `/readyz` answers 503 with `waiting_for` until [`Started::ready`].
+pub struct Started {
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Started {
+    /// Binds `addr` (named `flag` in errors) and serves `/metrics`, `/healthz` and `/readyz`.
+    pub async fn serve(
+        addr: SocketAddr,
+        flag: &str,
+        metrics: MetricsFn,
+        waiting_for: &'static str,
+    ) -> anyhow::Result<Self> {
+        let listener = bind(addr, flag).await?;
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ready.clone();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            metrics,
+            Arc::new(move || {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err(waiting_for.to_string())
+                }
+            }),
+            stop.clone(),
+        ));
+        Ok(Self { ready, stop, task })
+    }
+
+    pub fn ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops serving the endpoint (last, after the process's own work has drained).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}

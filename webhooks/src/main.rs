@@ -80,28 +80,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )?;
     let caches = Caches::start(client, shutdown.clone());
 
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let health_listener = health::bind(config.metrics_addr, "--metrics-addr").await?;
-    let (m, r) = (metrics.clone(), ready.clone());
-    let health_stop = CancellationToken::new();
-    let health_task = tokio::spawn(health::serve(
-        health_listener,
+    let m = metrics.clone();
+    let health = health::Started::serve(
+        config.metrics_addr,
+        "--metrics-addr",
         Arc::new(move || m.encode()),
-        Arc::new(move || {
-            if r.load(std::sync::atomic::Ordering::Relaxed) {
-                Ok(())
-            } else {
-                Err("DeviceGroup and UpdateRollout caches not synced yet".to_string())
-            }
-        }),
-        health_stop.clone(),
-    ));
+        "DeviceGroup and UpdateRollout caches not synced yet",
+    )
+    .await?;
     // Reviews that consult other objects must see all of them.
     tokio::select! {
         r = caches.ready() => r.context("the DeviceGroup and UpdateRollout watches failed")?,
         _ = shutdown.cancelled() => return Ok(()),
     }
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    health.ready();
 
     let listener = health::bind(config.listen, "--listen").await?;
     tracing::info!(addr = %listener.local_addr()?, "serving admission reviews");
@@ -120,8 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Duration::from_secs(10),
     )
     .await;
-    health_stop.cancel();
-    let _ = health_task.await;
+    health.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
