@@ -639,6 +639,21 @@ impl Process {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// The JSON report `fleetwarden-agent simulate` prints when it ends (the last one in its log).
+    pub fn simulator_report(&self) -> Option<serde_json::Value> {
+        self.log()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("{\"devices\""))
+            .and_then(|l| serde_json::from_str(l).ok())
+    }
+}
+
+/// The last `lines` lines of `text`, for error messages with a log excerpt.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout` saying `what`.

@@ -626,13 +626,7 @@ async fn fleet(
     f.gateway_peak_rss = peak_rss(&gateway.process);
     let mut sim = sim;
     sim.terminate(Duration::from_secs(60)).await?;
-    f.simulator = sim
-        .log()
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("{\"devices\""))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
+    f.simulator = sim.simulator_report().unwrap_or(Value::Null);
     watch.abort();
     drop((operator, gateway, issuer, artifacts));
     // The namespace goes with the run; delete the devices now so the next size starts clean.

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use crds::{Device, DeviceGroup, UpdateRollout, conditions, firmware, rollout::RolloutPhase};
-use e2e::{Env, eventually, helm};
+use e2e::{Env, eventually, helm, tail};
 use ed25519_dalek::SigningKey;
 use k8s_openapi::api::{
     apps::v1::Deployment,
@@ -181,11 +181,6 @@ pub async fn the_operator_and_gateway_work_with_the_charts_rbac_only(
     }
     drop(issuer);
     Ok(())
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 async fn flows(

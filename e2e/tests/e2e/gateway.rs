@@ -951,12 +951,8 @@ pub async fn a_gateway_restart_under_a_thousand_devices_brings_them_back_without
         "a thundering herd: {peak:.0} of {N} devices came back within one second ({steady:.0}/s steady)"
     );
     sim.terminate(Duration::from_secs(30)).await?;
-    let report: Value = sim
-        .log()
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("{\"devices\""))
-        .and_then(|l| serde_json::from_str(l).ok())
+    let report = sim
+        .simulator_report()
         .context("the simulator printed no report")?;
     ensure!(report["enrolled"] == json!(N), "{report}");
     ensure!(

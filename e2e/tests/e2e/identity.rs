@@ -11,7 +11,7 @@ use crds::{
     conditions,
     device::DevicePhase,
 };
-use e2e::{Env, Operator, eventually, issuer::TestIssuer};
+use e2e::{Env, Operator, eventually, issuer::TestIssuer, tail};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
@@ -176,11 +176,6 @@ fn merge(base: &mut serde_json::Value, extra: serde_json::Value) {
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {

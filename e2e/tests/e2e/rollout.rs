@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use crds::{Device, DeviceGroup, UpdateRollout, rollout::RolloutPhase};
-use e2e::{Env, Gateway, Operator, Process, artifacts::ArtifactServer, eventually, fleet};
+use e2e::{Env, Gateway, Operator, Process, artifacts::ArtifactServer, eventually, fleet, tail};
 use k8s_openapi::api::core::v1::Event;
 use kube::{
     Api,
@@ -308,11 +308,6 @@ impl Rig {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn phase(r: &UpdateRollout) -> Option<RolloutPhase> {
     r.status.as_ref().and_then(|s| s.phase)
 }
@@ -331,12 +326,8 @@ fn condition<'a>(
 /// Stops a simulator with SIGTERM and returns the JSON report it printed.
 async fn sim_report(mut sim: Process) -> anyhow::Result<Value> {
     sim.terminate(Duration::from_secs(30)).await?;
-    let log = sim.log();
-    log.lines()
-        .rev()
-        .find(|l| l.starts_with("{\"devices\""))
+    sim.simulator_report()
         .context("the simulator printed no report")
-        .and_then(|l| Ok(serde_json::from_str(l)?))
 }
 
 fn reported_version(d: &Device) -> Option<&str> {

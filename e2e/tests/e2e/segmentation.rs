@@ -11,7 +11,7 @@ use crds::{
     group::FindingKind,
     segmentation::{GROUP_LABEL, ZONE_LABEL},
 };
-use e2e::{Env, Operator, eventually};
+use e2e::{Env, Operator, eventually, tail};
 use k8s_openapi::api::{
     core::v1::{Event, Pod},
     networking::v1::NetworkPolicy,
@@ -277,11 +277,6 @@ impl Fixture {
             .context("creating a NetworkPolicy")?;
         Ok(())
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The stored spec, without what the API server adds on its own.
