@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     FIELD_MANAGER,
-    controllers::Shared,
+    controllers::{DeviceFeed, Shared},
     device_plan::{self, Inputs, Plan, StatusPlan, managed_certificate_name, managed_secret_name},
     index::Index,
     runner::{self, ControllerTask, ReconcileError},
@@ -170,9 +170,12 @@ fn kube_err(object: &str, action: &'static str) -> impl FnOnce(kube::Error) -> E
 
 /// Starts the controller. It watches Devices, and the DeviceGroups, CertificateRequests and
 /// Certificates that affect them, in `shared.namespace` (or all namespaces).
-pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
+pub fn start(
+    shared: &Shared,
+    devices: &mut DeviceFeed,
+    shutdown: &CancellationToken,
+) -> ControllerTask {
     let client = shared.client.clone();
-    let devices: Api<Device> = shared.api();
     let (groups, groups_writer) = reflector::store();
     let (requests, requests_writer) = reflector::store();
     let (certificates, certificates_writer) = reflector::store();
@@ -226,8 +229,8 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
         .reflect(certificates_writer)
         .touched_objects();
 
-    let controller = Controller::new(devices, watcher::Config::default());
-    let device_store = controller.store();
+    let device_store = devices.store();
+    let controller = Controller::for_shared_stream(devices.subscribe(), devices.store());
     let certs_for_mapping = certificates.clone();
     let controller = controller
         .watches_stream(group_events, move |group: DeviceGroup| {
@@ -339,6 +342,11 @@ async fn reconcile(device: Arc<Device>, ctx: Arc<Context>) -> Result<Action, Err
         .namespace()
         .ok_or_else(|| Error::NoNamespace(object.clone()))?;
     let api: Api<Device> = Api::namespaced(ctx.client.clone(), &ns);
+    // The finalizer helper adds or removes our finalizer with a patch of its own.
+    let has_finalizer = device.finalizers().iter().any(|f| f == FINALIZER);
+    if has_finalizer == device.metadata.deletion_timestamp.is_some() {
+        ctx.shared.metrics.write("devices", "patch");
+    }
     finalizer(&api, FINALIZER, device, |event| async {
         match event {
             finalizer::Event::Apply(d) => apply(&d, &ctx).await,
@@ -634,14 +642,22 @@ async fn execute(device: &Device, ctx: &Context, plan: &Plan) -> Result<(), Erro
             // (nor its Event).
             ctx.remember_request(&ns, &format!("{}#verdict", verdict.request));
             metrics.enrollment(approved, verdict.policy_reason);
-            publish(
-                ctx,
-                device,
-                !approved,
-                if approved { "CsrApproved" } else { "CsrDenied" },
-                &format!("{}: {}", verdict.request, verdict.message),
-            )
-            .await;
+            // A denial is a Warning on the Device. An approval is recorded where cert-manager
+            // looks for it, the request's Approved condition (with our reason and message), and
+            // the Device gets one Event when the certificate arrives: at fleet scale an Event
+            // per step is an API write per step.
+            if approved {
+                tracing::info!(device = %object, request = %verdict.request, "CertificateRequest approved");
+            } else {
+                publish(
+                    ctx,
+                    device,
+                    true,
+                    "CsrDenied",
+                    &format!("{}: {}", verdict.request, verdict.message),
+                )
+                .await;
+            }
         }
     }
     if let Some(reason) = plan.csr_denied.filter(|_| plan.deny.is_empty()) {

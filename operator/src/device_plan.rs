@@ -441,8 +441,17 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
     };
     let became =
         |d: &Desired<'_>| previous(d.type_) != Some((status_str(d.status), d.reason.to_string()));
+    // A device's first verdict after it enrolled and checked in is not news (its status shows
+    // it); a change after that is.
+    let first_verdict =
+        crds::conditions::find(&status.conditions, types::COMPLIANT).is_some_and(|c| {
+            FIRST_VERDICT_PENDING
+                .iter()
+                .any(|r| c.message.contains(&format!("{r}:")))
+        });
     if let Some((was, _)) = previous(types::COMPLIANT)
         && was != status_str(compliant.status)
+        && !(compliant.status && first_verdict)
     {
         plan.events.push(PlannedEvent {
             warning: !compliant.status,
@@ -501,8 +510,45 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
             degraded,
         ],
     });
+    if let Some(wait) = settling(inp, &plan, phase) {
+        plan.status = None;
+        plan.requeue_after = Some(plan.requeue_after.map_or(wait, |r| r.min(wait)));
+    }
     plan
 }
+
+/// How long a CertificateRequest may take before its Device is shown as Enrolling.
+pub const ENROLLING_SETTLE: Duration = Duration::from_secs(5);
+
+/// A Device moving from Pending to Enrolling because its CertificateRequest was just created
+/// usually becomes Active a second or two later, when the issuer signs. Writing the short-lived
+/// Enrolling status in between costs every Device one more API write (and a watch event to
+/// every watcher) during a mass enrollment, so it is written only if the request is still
+/// unsigned after `ENROLLING_SETTLE`: returns how long to wait before looking again.
+fn settling(inp: &Inputs<'_>, plan: &Plan, phase: DevicePhase) -> Option<Duration> {
+    let current = inp.device.status.as_ref().and_then(|s| s.phase);
+    if phase != DevicePhase::Enrolling || !matches!(current, None | Some(DevicePhase::Pending)) {
+        return None;
+    }
+    if plan.create_request.is_some() {
+        return Some(ENROLLING_SETTLE);
+    }
+    let newest = inp
+        .requests
+        .iter()
+        .filter_map(|r| r.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0)
+        .max()?;
+    let settle = jiff::SignedDuration::try_from(ENROLLING_SETTLE).ok()?;
+    let left = (newest + settle).duration_since(inp.now);
+    (left > jiff::SignedDuration::ZERO)
+        .then(|| Duration::try_from(left).ok())
+        .flatten()
+}
+
+/// Compliance failures (as listed in the condition's message) that only mean the device has not
+/// enrolled or checked in yet.
+const FIRST_VERDICT_PENDING: &[&str] = &["NotEnrolled", "NeverSeen"];
 
 fn status_str(b: bool) -> String {
     if b { "True" } else { "False" }.to_string()
@@ -1172,12 +1218,27 @@ mod tests {
             ("Device", Some(true))
         );
         assert_eq!(plan.approve.len(), 1);
-        assert_eq!(plan.status.as_ref().unwrap().phase, DevicePhase::Enrolling);
+        // Enrolling is not written while the new request may still be signed promptly.
+        assert!(plan.status.is_none());
+        assert_eq!(plan.requeue_after, Some(ENROLLING_SETTLE));
         // Planning again from the same inputs plans the same (restart-safe, no duplicates).
         assert_eq!(
             plan.create_request,
             super::plan(&inputs(&d, Some(&g), vec![])).create_request
         );
+
+        // Created a second ago and unsigned: still settling, look again when the time is up.
+        let name = request_name("plc-1", &sha);
+        let mut cr = request(&name, &csr, Some(("Approved", APPROVAL_REASON)), None);
+        cr.metadata.creation_timestamp = Some(Time(now() - jiff::SignedDuration::from_secs(1)));
+        let settling = super::plan(&inputs(&d, Some(&g), vec![&cr]));
+        assert!(settling.status.is_none());
+        assert_eq!(settling.requeue_after, Some(Duration::from_secs(4)));
+        // Still unsigned after ENROLLING_SETTLE: the Device shows Enrolling.
+        cr.metadata.creation_timestamp = Some(Time(now() - jiff::SignedDuration::from_secs(6)));
+        let slow = super::plan(&inputs(&d, Some(&g), vec![&cr]));
+        assert_eq!(slow.status.as_ref().unwrap().phase, DevicePhase::Enrolling);
+        assert!(!condition(&slow, types::ENROLLED).status);
     }
 
     #[test]
@@ -1243,6 +1304,61 @@ mod tests {
                 && second.create_request.is_none()
         );
         assert!(second.delete_requests.is_empty());
+    }
+
+    #[test]
+    fn the_first_check_in_is_not_an_event_but_later_compliance_changes_are() {
+        let key = KeyPair::generate().unwrap();
+        let csr = csr_pem(&key, SPIFFE);
+        let d = device(Some(enrolling(&csr)));
+        let g = group();
+        let sha = hex_sha256(&csr_policy::decode_pem(&csr).unwrap());
+        let name = request_name("plc-1", &sha);
+        let cert = rcgen_cert(&csr);
+        let cr = request(
+            &name,
+            &csr,
+            Some(("Approved", APPROVAL_REASON)),
+            Some(&cert),
+        );
+        let enrolled = stored(&d, &plan(&inputs(&d, Some(&g), vec![&cr])));
+        assert!(
+            !condition(
+                &plan(&inputs(&enrolled, Some(&g), vec![&cr])),
+                types::COMPLIANT
+            )
+            .status
+        );
+
+        let seen = |d: &Device, at: Timestamp| {
+            let mut d = d.clone();
+            d.status.as_mut().unwrap().last_seen = Some(Time(at));
+            d
+        };
+        // First check-in: Compliant turns True quietly.
+        let first = seen(&enrolled, now());
+        let p = plan(&inputs(&first, Some(&g), vec![&cr]));
+        assert!(condition(&p, types::COMPLIANT).status);
+        assert!(p.events.is_empty(), "{:?}", p.events);
+
+        // Offline later: a Warning; back online: an Event.
+        let offline_at = now() - jiff::SignedDuration::from_hours(24 * 30);
+        let offline = seen(&stored(&first, &p), offline_at);
+        let p = plan(&inputs(&offline, Some(&g), vec![&cr]));
+        assert!(!condition(&p, types::COMPLIANT).status);
+        assert_eq!(
+            p.events
+                .iter()
+                .map(|e| (e.reason, e.warning))
+                .collect::<Vec<_>>(),
+            [("NonCompliant", true)]
+        );
+        let back = seen(&stored(&offline, &p), now());
+        let p = plan(&inputs(&back, Some(&g), vec![&cr]));
+        assert_eq!(
+            p.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["Compliant"]
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     FIELD_MANAGER,
-    controllers::Shared,
+    controllers::{DeviceFeed, Shared},
     group_plan::{self, Applied},
     runner::{self, ControllerTask, ReconcileError},
 };
@@ -115,19 +115,19 @@ fn zones_in(store: &Store<DeviceGroup>, namespace: Option<&str>) -> Vec<ObjectRe
         .collect()
 }
 
-pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
+pub fn start(
+    shared: &Shared,
+    feed: &mut DeviceFeed,
+    shutdown: &CancellationToken,
+) -> ControllerTask {
     let client = shared.client.clone();
-    let (devices, device_writer) = reflector::store();
+    let devices = feed.store();
+    let device_events = feed.subscribe();
     let (rollouts, rollout_writer) = reflector::store();
     let (policies, policy_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let (namespaces, namespace_writer) = reflector::store();
 
-    let device_events = watcher(shared.api::<Device>(), watcher::Config::default())
-        .default_backoff()
-        .modify(crate::controllers::slim_device)
-        .reflect(device_writer)
-        .touched_objects();
     let rollout_events = watcher(shared.api::<UpdateRollout>(), watcher::Config::default())
         .default_backoff()
         .modify(|r: &mut UpdateRollout| r.managed_fields_mut().clear())
@@ -176,7 +176,7 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
         groups.clone(),
     );
     let controller = controller
-        .watches_stream(device_events, |d: Device| {
+        .watches_shared_stream(device_events, |d: Arc<Device>| {
             d.namespace()
                 .map(|ns| ObjectRef::new(&d.spec.group).within(&ns))
         })

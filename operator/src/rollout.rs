@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     FIELD_MANAGER,
-    controllers::Shared,
+    controllers::{DeviceFeed, Shared},
     rollout_plan::{self, Inputs},
     runner::{self, ControllerTask, ReconcileError},
 };
@@ -94,15 +94,15 @@ fn rollouts_of(
         .collect()
 }
 
-pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
+pub fn start(
+    shared: &Shared,
+    feed: &mut DeviceFeed,
+    shutdown: &CancellationToken,
+) -> ControllerTask {
     let client = shared.client.clone();
-    let (devices, device_writer) = reflector::store();
+    let devices = feed.store();
+    let device_events = feed.subscribe();
     let (groups, group_writer) = reflector::store();
-    let device_events = watcher(shared.api::<Device>(), watcher::Config::default())
-        .default_backoff()
-        .modify(crate::controllers::slim_device)
-        .reflect(device_writer)
-        .touched_objects();
     let group_events = watcher(shared.api::<DeviceGroup>(), watcher::Config::default())
         .default_backoff()
         .modify(|g: &mut DeviceGroup| g.managed_fields_mut().clear())
@@ -112,7 +112,7 @@ pub fn start(shared: &Shared, shutdown: &CancellationToken) -> ControllerTask {
     let rollouts = controller.store();
     let (by_device, by_group) = (rollouts.clone(), rollouts.clone());
     let controller = controller
-        .watches_stream(device_events, move |d: Device| {
+        .watches_shared_stream(device_events, move |d: Arc<Device>| {
             rollouts_of(&by_device, d.namespace(), &d.spec.group)
         })
         .watches_stream(group_events, move |g: DeviceGroup| {
