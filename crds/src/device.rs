@@ -169,7 +169,8 @@ pub struct DeviceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported: Option<ReportedState>,
 
-    /// Last authenticated check-in, refreshed at a coarse interval (gateway).
+    /// Last authenticated check-in, refreshed at a coarse interval (gateway): by default at most
+    /// once per 120 check-ins and at least every quarter of the group's compliance.maxOffline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
 

@@ -379,6 +379,7 @@ fn the_values_schema_refuses_bad_values_with_their_path() {
         ),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("metrics.port=80", "/metrics/port"),
+        ("gateway.lastSeenCheckIns=-1", "/gateway/lastSeenCheckIns"),
     ] {
         let (ok, _, stderr) = rt()
             .block_on(helm::run(&["template", "fw", chart, "--set", set]))

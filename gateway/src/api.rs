@@ -43,7 +43,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub fleet_ca_pem: Option<String>,
     pub max_body: usize,
-    pub last_seen_interval: Duration,
+    pub heartbeat: status::Heartbeat,
     pub retry_after: Duration,
 }
 
@@ -512,10 +512,12 @@ async fn check_in_inner(state: &AppState, request: Request) -> Outcome {
     let reported: ReportedState = json(&body)?;
     validate_report(&reported)?;
     let now = Timestamp::now();
+    let group = state.caches.group(&id.namespace, &device.spec.group);
+    let refresh = state.heartbeat.refresh(group.as_ref().map(|g| &g.spec));
     state
         .writer
         .update(&device, "checkin", |current| {
-            status::after_checkin(current, &reported, now, state.last_seen_interval)
+            status::after_checkin(current, &reported, now, refresh)
         })
         .await
         .map_err(|e| {
@@ -523,7 +525,6 @@ async fn check_in_inner(state: &AppState, request: Request) -> Outcome {
             Refusal::Overloaded
         })?;
     state.metrics.checkins.inc();
-    let group = state.caches.group(&id.namespace, &device.spec.group);
     let identity = device.status.as_ref().and_then(|s| s.identity.as_ref());
     let renew_after = match (identity, group.as_ref()) {
         (Some(i), Some(g)) => i
@@ -597,7 +598,7 @@ async fn report_status(State(state): State<Arc<AppState>>, request: Request) -> 
 
 async fn report_status_inner(state: &AppState, request: Request) -> Outcome {
     let peer = peer_of(&request);
-    let (device, _id, _scope) = authorized(state, &peer)?;
+    let (device, id, _scope) = authorized(state, &peer)?;
     let (_, body) = read_body(state, request).await?;
     let report: UpdateReport = json(&body)?;
     if report.rollout.len() > 253
@@ -618,10 +619,12 @@ async fn report_status_inner(state: &AppState, request: Request) -> Outcome {
         message: report.message,
         updated_at: Time(now),
     };
+    let group = state.caches.group(&id.namespace, &device.spec.group);
+    let refresh = state.heartbeat.refresh(group.as_ref().map(|g| &g.spec));
     state
         .writer
         .update(&device, "status", |current| {
-            status::after_update(current, &update, now, state.last_seen_interval)
+            status::after_update(current, &update, now, refresh)
         })
         .await
         .map_err(|e| {

@@ -40,9 +40,19 @@ pub struct Config {
     #[arg(long, env = "FLEETWARDEN_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
 
-    /// Refresh status.lastSeen at most this often when nothing else changed.
+    /// Refresh an unchanged device's status.lastSeen at most this often.
     #[arg(long, env = "FLEETWARDEN_GATEWAY_LAST_SEEN_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub last_seen_interval: Duration,
+
+    /// Refresh lastSeen at most once per this many check-in intervals of the device's group
+    /// (never less often than a quarter of the group's maxOffline); 0 refreshes every
+    /// --last-seen-interval.
+    #[arg(
+        long,
+        env = "FLEETWARDEN_GATEWAY_LAST_SEEN_CHECK_INS",
+        default_value_t = 120
+    )]
+    pub last_seen_check_ins: u32,
 
     /// Retry-After sent while a certificate is being issued.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]

@@ -11,7 +11,7 @@ use gateway::{
     config::Config,
     metrics::Metrics,
     server::{self, Limits},
-    status::Writer,
+    status::{Heartbeat, Writer},
     tls,
 };
 use plumbing::{health, telemetry};
@@ -80,7 +80,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         fleet_ca_pem: fleet_ca_pem.clone(),
         max_body: config.max_body_bytes,
-        last_seen_interval: config.last_seen_interval,
+        heartbeat: Heartbeat {
+            minimum: config.last_seen_interval,
+            check_ins: config.last_seen_check_ins,
+        },
         retry_after: config.retry_after,
     });
     let listener = health::bind(config.listen, "--listen").await?;

@@ -1,7 +1,7 @@
 //! The Device status fields the gateway owns (`enrollment`, `reported`, `lastSeen`, `update`)
 //! and when they are written. Steady heartbeats must not become etcd writes: a check-in writes
-//! only when what the device reports changed, or when `lastSeen` is older than the configured
-//! interval. Every write is a server-side apply of all four fields under the
+//! only when what the device reports changed, or when `lastSeen` is older than its refresh
+//! interval (`Heartbeat`). Every write is a server-side apply of all four fields under the
 //! `fleetwarden-gateway` field manager (applying fewer would delete the others).
 //!
 //! Writes for one device are serialised, and the last written value stands in for the watch
@@ -18,6 +18,7 @@ use std::{
 use crds::{
     Device,
     device::{DeviceStatus, EnrollmentStatus, ReportedState, UpdateProgress},
+    group::DeviceGroupSpec,
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -66,6 +67,33 @@ impl Owned {
                 .try_into()
                 .is_ok_and(|elapsed: Duration| elapsed < interval)
         })
+    }
+}
+
+/// How often an unchanged device's `lastSeen` is refreshed. `lastSeen` only has to be fresh
+/// enough for the group's `maxOffline` judgement (online/offline, the Offline compliance
+/// failure), so a device that checks in often need not write each time its refresh is due:
+///
+///   refresh = min(max(minimum, check_ins x the group's checkInInterval), maxOffline / 4)
+///
+/// so steady check-ins cost at most one write per `check_ins` of them, while a device that
+/// stops checking in is still judged Offline no more than a quarter of `maxOffline` late.
+/// `check_ins = 0` refreshes every `minimum`.
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat {
+    pub minimum: Duration,
+    pub check_ins: u32,
+}
+
+impl Heartbeat {
+    pub fn refresh(&self, group: Option<&DeviceGroupSpec>) -> Duration {
+        let Some(group) = group else {
+            return self.minimum;
+        };
+        let budget = group.check_in_interval.get().saturating_mul(self.check_ins);
+        self.minimum
+            .max(budget)
+            .min(group.compliance.max_offline.get() / 4)
     }
 }
 
@@ -244,6 +272,43 @@ mod tests {
             boot_slot: Some(BootSlot::A),
             ..ReportedState::default()
         }
+    }
+
+    fn group(check_in: &str, max_offline: &str) -> DeviceGroupSpec {
+        serde_json::from_value(serde_json::json!({
+            "certificates": {"issuerRef": {"name": "ca"}, "trustDomain": "fleet.example"},
+            "checkInInterval": check_in,
+            "compliance": {"maxOffline": max_offline},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_refresh_interval_follows_the_check_in_budget_within_max_offline() {
+        let h = Heartbeat {
+            minimum: FIVE_MIN,
+            check_ins: 120,
+        };
+        let mins = |m: u64| Duration::from_secs(m * 60);
+        // No group: the minimum.
+        assert_eq!(h.refresh(None), FIVE_MIN);
+        // Every 5 s: one write per 120 check-ins, 10 minutes.
+        assert_eq!(h.refresh(Some(&group("5s", "24h"))), mins(10));
+        // Every second: the minimum still holds.
+        assert_eq!(h.refresh(Some(&group("1s", "24h"))), FIVE_MIN);
+        // Every 5 minutes: 10 hours would be too late for maxOffline 24h; a quarter of it.
+        assert_eq!(h.refresh(Some(&group("5m", "24h"))), mins(6 * 60));
+        // A tight maxOffline wins over both.
+        assert_eq!(h.refresh(Some(&group("5s", "8m"))), mins(2));
+        // check_ins 0: every minimum, within maxOffline.
+        let fixed = Heartbeat {
+            minimum: Duration::from_secs(4),
+            check_ins: 0,
+        };
+        assert_eq!(
+            fixed.refresh(Some(&group("5m", "24h"))),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]

@@ -703,7 +703,13 @@ pub async fn a_quarantined_device_may_only_report(env: Arc<Env>) -> anyhow::Resu
 }
 
 pub async fn last_seen_writes_are_throttled(env: Arc<Env>) -> anyhow::Result<()> {
-    let f = setup(&env, "throttle", json!({}), &["--last-seen-interval", "4s"]).await?;
+    let f = setup(
+        &env,
+        "throttle",
+        json!({}),
+        &["--last-seen-interval", "4s", "--last-seen-check-ins", "0"],
+    )
+    .await?;
     let tokens = f.provision(&["plc-6"]).await?;
     let (cert, key) = enroll_by_hand(&f, "plc-6", &tokens[0].token).await?;
     ensure!(f.curl_checkin(&cert, &key, &report("4.1.3")).await?.0 == 200);
