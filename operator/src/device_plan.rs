@@ -518,7 +518,7 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
 }
 
 /// How long a CertificateRequest may take before its Device is shown as Enrolling.
-pub const ENROLLING_SETTLE: Duration = Duration::from_secs(5);
+pub const ENROLLING_SETTLE: Duration = Duration::from_secs(10);
 
 /// A Device moving from Pending to Enrolling because its CertificateRequest was just created
 /// usually becomes Active a second or two later, when the issuer signs. Writing the short-lived
@@ -1233,9 +1233,9 @@ mod tests {
         cr.metadata.creation_timestamp = Some(Time(now() - jiff::SignedDuration::from_secs(1)));
         let settling = super::plan(&inputs(&d, Some(&g), vec![&cr]));
         assert!(settling.status.is_none());
-        assert_eq!(settling.requeue_after, Some(Duration::from_secs(4)));
+        assert_eq!(settling.requeue_after, Some(Duration::from_secs(9)));
         // Still unsigned after ENROLLING_SETTLE: the Device shows Enrolling.
-        cr.metadata.creation_timestamp = Some(Time(now() - jiff::SignedDuration::from_secs(6)));
+        cr.metadata.creation_timestamp = Some(Time(now() - jiff::SignedDuration::from_secs(11)));
         let slow = super::plan(&inputs(&d, Some(&g), vec![&cr]));
         assert_eq!(slow.status.as_ref().unwrap().phase, DevicePhase::Enrolling);
         assert!(!condition(&slow, types::ENROLLED).status);
