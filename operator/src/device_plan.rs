@@ -1266,21 +1266,22 @@ mod tests {
         );
     }
 
+    /// plc-1's request for `csr`, approved by Fleetwarden and signed.
+    fn signed_request(csr: &str) -> (String, CertificateRequest) {
+        let sha = hex_sha256(&csr_policy::decode_pem(csr).unwrap());
+        let name = request_name("plc-1", &sha);
+        let cert = rcgen_cert(csr);
+        let cr = request(&name, csr, Some(("Approved", APPROVAL_REASON)), Some(&cert));
+        (name, cr)
+    }
+
     #[test]
     fn an_issued_certificate_becomes_the_identity_and_a_second_pass_changes_nothing() {
         let key = KeyPair::generate().unwrap();
         let csr = csr_pem(&key, SPIFFE);
         let d = device(Some(enrolling(&csr)));
         let g = group();
-        let sha = hex_sha256(&csr_policy::decode_pem(&csr).unwrap());
-        let name = request_name("plc-1", &sha);
-        let cert = rcgen_cert(&csr);
-        let cr = request(
-            &name,
-            &csr,
-            Some(("Approved", APPROVAL_REASON)),
-            Some(&cert),
-        );
+        let (name, cr) = signed_request(&csr);
         let first = plan(&inputs(&d, Some(&g), vec![&cr]));
         let st = first.status.as_ref().unwrap();
         let identity = st.identity.as_ref().expect("identity");
@@ -1312,15 +1313,7 @@ mod tests {
         let csr = csr_pem(&key, SPIFFE);
         let d = device(Some(enrolling(&csr)));
         let g = group();
-        let sha = hex_sha256(&csr_policy::decode_pem(&csr).unwrap());
-        let name = request_name("plc-1", &sha);
-        let cert = rcgen_cert(&csr);
-        let cr = request(
-            &name,
-            &csr,
-            Some(("Approved", APPROVAL_REASON)),
-            Some(&cert),
-        );
+        let (_, cr) = signed_request(&csr);
         let enrolled = stored(&d, &plan(&inputs(&d, Some(&g), vec![&cr])));
         assert!(
             !condition(
