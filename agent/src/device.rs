@@ -74,6 +74,11 @@ pub struct Device {
     endpoint: Endpoint,
     storage: Storage,
     key_pem: String,
+    /// The first-enrollment CSR for `key_pem` (key, CSR), made once and kept with the key. An
+    /// ECDSA signature differs every time a CSR is signed, so a CSR made again for a retry
+    /// would be a new request: the operator would replace the one in progress, and one already
+    /// issued would leave the device holding a spent token.
+    enroll_csr: Option<(String, String)>,
     identity: Option<Identity>,
     client: Option<GatewayClient>,
     /// Longest time to wait for a certificate to be issued.
@@ -112,6 +117,9 @@ impl DeviceError {
     }
 }
 
+/// Where the first-enrollment CSR is kept, next to `key.pem`.
+const ENROLL_CSR: &str = "enroll-csr.pem";
+
 /// A new P-256 key, generated here.
 fn new_key() -> anyhow::Result<String> {
     Ok(KeyPair::generate()?.serialize_pem())
@@ -120,12 +128,15 @@ fn new_key() -> anyhow::Result<String> {
 impl Device {
     /// Loads the device's key and certificate from storage, generating a key if there is none.
     pub fn load(name: Name, endpoint: Endpoint, storage: Storage) -> anyhow::Result<Self> {
-        let key_pem = match storage.read("key.pem") {
-            Some(k) => k,
+        let (key_pem, enroll_csr) = match storage.read("key.pem") {
+            Some(k) => {
+                let csr = storage.read(ENROLL_CSR).map(|c| (k.clone(), c));
+                (k, csr)
+            }
             None => {
                 let k = new_key()?;
                 storage.write_private("key.pem", &k)?;
-                k
+                (k, None)
             }
         };
         let identity = storage.read("cert.pem").map(|chain_pem| Identity {
@@ -141,6 +152,7 @@ impl Device {
             endpoint,
             storage,
             key_pem,
+            enroll_csr,
             identity,
             client,
             issue_timeout: Duration::from_secs(600),
@@ -200,9 +212,23 @@ impl Device {
         Ok(())
     }
 
-    /// First enrollment. Waits (polling) until the certificate is issued.
-    pub async fn enroll(&mut self, credential: &Credential) -> Result<(), DeviceError> {
+    /// The CSR of the first enrollment: the same one on every attempt for this key.
+    fn enrollment_csr(&mut self) -> anyhow::Result<String> {
+        if let Some((key, csr)) = &self.enroll_csr
+            && *key == self.key_pem
+        {
+            return Ok(csr.clone());
+        }
         let csr = self.csr(&self.key_pem)?;
+        self.storage.write_private(ENROLL_CSR, &csr)?;
+        self.enroll_csr = Some((self.key_pem.clone(), csr.clone()));
+        Ok(csr)
+    }
+
+    /// First enrollment. Waits (polling) until the certificate is issued. A retry after a
+    /// failure sends the same CSR, so it continues the same request.
+    pub async fn enroll(&mut self, credential: &Credential) -> Result<(), DeviceError> {
+        let csr = self.enrollment_csr()?;
         let (client, token) = match credential {
             Credential::Token(t) => (GatewayClient::new(&self.endpoint, None)?, Some(t.clone())),
             Credential::Manufacturer(id) => (GatewayClient::new(&self.endpoint, Some(id))?, None),
@@ -244,4 +270,52 @@ impl Device {
 /// Whether it is time to renew, given the gateway's `renewAfter`.
 pub fn renewal_due(answer: &CheckInResponse, now: jiff::Timestamp) -> bool {
     answer.renew_after.is_some_and(|t| now >= t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(storage: Storage) -> Device {
+        let ca = rcgen::CertificateParams::new(vec!["gw.example".to_string()])
+            .unwrap()
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        let name = Name {
+            trust_domain: "fleet.example".into(),
+            namespace: "plant".into(),
+            name: "plc-1".into(),
+        };
+        Device::load(
+            name,
+            Endpoint::new("https://gw.example:8443", &ca).unwrap(),
+            storage,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_retried_enrollment_sends_the_same_csr() {
+        let mut d = device(Storage { dir: None });
+        // Signing again gives a different CSR for the same key ...
+        let key = d.key_pem.clone();
+        assert_ne!(d.csr(&key).unwrap(), d.csr(&key).unwrap());
+        // ... so the enrollment CSR is made once.
+        let first = d.enrollment_csr().unwrap();
+        assert_eq!(d.enrollment_csr().unwrap(), first);
+    }
+
+    #[test]
+    fn the_enrollment_csr_survives_a_restart_with_the_key() {
+        let dir = std::env::temp_dir().join(format!("fw-agent-csr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let storage = Storage {
+            dir: Some(dir.clone()),
+        };
+        let first = device(storage.clone()).enrollment_csr().unwrap();
+        let again = device(storage).enrollment_csr().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(again, first);
+    }
 }
