@@ -9,6 +9,18 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::{device::DeviceStatus, group::DeviceGroupSpec};
 
+/// Failures that only say the device had not enrolled or checked in yet when it was judged.
+pub const NOT_YET_REPORTED: &[&str] = &["NotEnrolled", "NeverSeen"];
+
+/// Whether a `Compliant` condition message (every failure, `Reason: message; ...`) is a verdict
+/// from before the device enrolled and checked in: such a verdict says nothing about the device
+/// yet, and is replaced once the operator judges its first report.
+pub fn judged_before_report(message: &str) -> bool {
+    NOT_YET_REPORTED
+        .iter()
+        .any(|r| message.contains(&format!("{r}:")))
+}
+
 /// One failed check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {

@@ -167,8 +167,12 @@ pub fn isolation(device: &Device, group: &DeviceGroupSpec) -> Option<IsolationRe
     status.identity.as_ref()?;
     status.last_seen.as_ref()?;
     let compliant = conditions::find(&status.conditions, types::COMPLIANT)?;
-    (group.compliance.quarantine_non_compliant && compliant.status == conditions::FALSE)
-        .then_some(IsolationReason::NonCompliant)
+    // A verdict from before the device's first check-in (the gateway has just recorded it and
+    // the operator not yet judged it) is no reason to cut the device off.
+    (group.compliance.quarantine_non_compliant
+        && compliant.status == conditions::FALSE
+        && !crate::compliance::judged_before_report(&compliant.message))
+    .then_some(IsolationReason::NonCompliant)
 }
 
 /// Every address the device is known by: its static `spec.addresses` and what it reported.
@@ -1082,6 +1086,16 @@ mod tests {
             None,
             "enrolled, never checked in: posture unknown"
         );
+        // Just checked in, but the verdict is still the one from before (the operator has not
+        // judged the first report yet): not a reason to isolate.
+        let mut first_report = device("Active", &[], Some(false));
+        for c in &mut first_report.status.as_mut().unwrap().conditions {
+            if c.type_ == types::COMPLIANT {
+                c.reason = "NeverSeen".into();
+                c.message = "NeverSeen: the device has never checked in".into();
+            }
+        }
+        assert_eq!(isolation(&first_report, &spec), None, "stale verdict");
         assert_eq!(
             isolation(&device("Quarantined", &[], Some(true)), &spec),
             Some(IsolationReason::Quarantined)

@@ -443,12 +443,8 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
         |d: &Desired<'_>| previous(d.type_) != Some((status_str(d.status), d.reason.to_string()));
     // A device's first verdict after it enrolled and checked in is not news (its status shows
     // it); a change after that is.
-    let first_verdict =
-        crds::conditions::find(&status.conditions, types::COMPLIANT).is_some_and(|c| {
-            FIRST_VERDICT_PENDING
-                .iter()
-                .any(|r| c.message.contains(&format!("{r}:")))
-        });
+    let first_verdict = crds::conditions::find(&status.conditions, types::COMPLIANT)
+        .is_some_and(|c| compliance::judged_before_report(&c.message));
     if let Some((was, _)) = previous(types::COMPLIANT)
         && was != status_str(compliant.status)
         && !(compliant.status && first_verdict)
@@ -545,10 +541,6 @@ fn settling(inp: &Inputs<'_>, plan: &Plan, phase: DevicePhase) -> Option<Duratio
         .then(|| Duration::try_from(left).ok())
         .flatten()
 }
-
-/// Compliance failures (as listed in the condition's message) that only mean the device has not
-/// enrolled or checked in yet.
-const FIRST_VERDICT_PENDING: &[&str] = &["NotEnrolled", "NeverSeen"];
 
 fn status_str(b: bool) -> String {
     if b { "True" } else { "False" }.to_string()
