@@ -122,7 +122,11 @@ pub async fn run(
         let api = device_api.clone();
         let name = names[i % names.len()].clone();
         async move {
-            let body = json!({"metadata": {"finalizers": [format!("fleetwarden.io/floor-{i}")]}});
+            // The same kind of metadata merge patch as adding the operator's finalizer, as an
+            // annotation: a finalizer would keep the floor's Devices, and their namespace, from
+            // ever being deleted.
+            let body =
+                json!({"metadata": {"annotations": {"fleetwarden.io/floor": i.to_string()}}});
             api.patch(&name, &PatchParams::default(), &Patch::Merge(body))
                 .await?;
             anyhow::Ok(())
@@ -307,7 +311,7 @@ fn operator_part(status: &Value, round: usize) -> Value {
 /// The status fields the gateway owns, `lastSeen` moved by `round` seconds.
 fn gateway_part(status: &Value, round: usize) -> Value {
     let mut part = json!({});
-    for key in ["enrollment", "reported", "lastSeen", "address"] {
+    for key in ["enrollment", "reported", "lastSeen"] {
         if let Some(v) = status.get(key) {
             part[key] = v.clone();
         }
