@@ -2,7 +2,10 @@
 //! `crds::segmentation`, applied with server-side apply, owned by the group so deleting it
 //! removes them) and the segmentation audit. Devices, NetworkPolicies, Pods (metadata only),
 //! Namespaces (metadata only), UpdateRollouts and the other zones come from watch caches; a
-//! device's isolation or release lands in the same reconcile that sees its change.
+//! device's isolation or release lands in the first pass after its change. A pass reads every
+//! Device of the group, so during a mass enrollment (thousands of Device changes a second) a
+//! group is looked at no more than once per `MIN_PASS_INTERVAL`; changes in between are
+//! collected into the next pass.
 //!
 //! Writes happen only when something differs: a policy is applied when its content changes, the
 //! status when a figure changes (figure-only changes at most every `INVENTORY_WRITE_INTERVAL`).
@@ -54,6 +57,8 @@ pub const INVENTORY_WRITE_INTERVAL: Duration = Duration::from_secs(5);
 /// A zone's audit is refreshed at least this often, for changes no watch reports.
 const AUDIT_REFRESH: Duration = Duration::from_secs(300);
 const CACHE_SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Full passes over one group happen at most this often.
+pub const MIN_PASS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Context {
     client: Client,
@@ -66,6 +71,8 @@ pub struct Context {
     pods: Store<PartialObjectMeta<KubePod>>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     last_write: Mutex<HashMap<String, Instant>>,
+    /// When each group (uid) last had a full pass.
+    last_pass: Mutex<HashMap<String, Instant>>,
     /// Per policy (`namespace/name`): the content we last applied and the resourceVersion the
     /// API server returned. A stored object still at that version is ours unchanged, even if the
     /// server normalised a field we set (e.g. dropped a field an older API server does not know),
@@ -219,6 +226,7 @@ pub fn start(
         pods,
         namespaces,
         last_write: Mutex::new(HashMap::new()),
+        last_pass: Mutex::new(HashMap::new()),
         applied: Mutex::new(HashMap::new()),
     });
     runner::task(
@@ -231,8 +239,31 @@ pub fn start(
     )
 }
 
+impl Context {
+    /// `None` when a full pass over `group` may run now (and records it); otherwise how long
+    /// until it may.
+    fn pass_due(&self, group: &DeviceGroup) -> Option<Duration> {
+        let mut last = self.last_pass.lock().ok()?;
+        let uid = group.uid().unwrap_or_default();
+        if let Some(elapsed) = last.get(&uid).map(Instant::elapsed)
+            && elapsed < MIN_PASS_INTERVAL
+        {
+            return Some(MIN_PASS_INTERVAL - elapsed);
+        }
+        // Groups deleted long ago need no entry.
+        last.retain(|_, at| at.elapsed() < MIN_PASS_INTERVAL * 60);
+        last.insert(uid, Instant::now());
+        None
+    }
+}
+
 async fn reconcile(group: Arc<DeviceGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let object = runner::describe(group.as_ref());
+    if let Some(wait) = ctx.pass_due(&group) {
+        // Triggered again within the interval: come back when it is over. A trigger in between
+        // brings us here again, and the pass after the interval sees every change.
+        return Ok(Action::requeue(wait));
+    }
     let synced = tokio::time::timeout(CACHE_SYNC_WAIT, async {
         ctx.devices.wait_until_ready().await.is_ok()
             && ctx.policies.wait_until_ready().await.is_ok()
