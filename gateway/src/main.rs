@@ -37,9 +37,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let client = kube::Client::try_default().await.context(
-        "no Kubernetes configuration: set KUBECONFIG or run in a pod with a service account",
-    )?;
+    let client = plumbing::kube_client::connect("fleetwarden-gateway").await?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(plumbing::shutdown::watch_signals(

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kube::Client;
 use operator::{
     config::Config,
     controllers::{self, Shared},
@@ -38,7 +37,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "no Kubernetes configuration: set KUBECONFIG or run in a pod with a service account",
     )?;
     let default_namespace = kube_config.default_namespace.clone();
-    let client = Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
+    let client = plumbing::kube_client::build(kube_config, "fleetwarden-operator")?;
     let leader_config = config
         .leader_config(&default_namespace)
         .map_err(anyhow::Error::msg)?;

@@ -75,9 +75,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         shutdown.clone(),
     )?;
-    let client = kube::Client::try_default().await.context(
-        "no Kubernetes configuration: set KUBECONFIG or run in a pod with a service account",
-    )?;
+    let client = plumbing::kube_client::connect("fleetwarden-webhooks").await?;
     let caches = Caches::start(client, shutdown.clone());
 
     let m = metrics.clone();
