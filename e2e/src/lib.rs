@@ -87,7 +87,9 @@ impl Env {
             .with_context(|| format!("cannot read kubeconfig {}", kubeconfig.display()))?;
         let config =
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-        let client = Client::try_from(config)?;
+        // The harness and the test issuer standing in for cert-manager show up in API server
+        // logs as fleetwarden-e2e.
+        let client = plumbing::kube_client::build(config, "fleetwarden-e2e")?;
 
         let env = Env {
             client,
@@ -435,9 +437,44 @@ impl Env {
         target_dir(&self.root).join(profile()).join(name)
     }
 
+    /// CPU time (user + system, seconds) the API server has used so far, when this harness
+    /// started it.
+    pub fn api_server_cpu_seconds(&self) -> Option<f64> {
+        let state = self.owned_control_plane.as_ref()?;
+        let pid = std::fs::read_to_string(state.join("kube-apiserver.pid")).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
+        // Fields after the command name (which may contain spaces) start at field 3; utime and
+        // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     /// Starts one of our binaries against this cluster; output goes to `<scratch>/<log_name>.log`.
     pub fn spawn(&self, binary: &str, log_name: &str, args: &[&str]) -> anyhow::Result<Process> {
         self.spawn_with(&self.kubeconfig, binary, log_name, args)
+    }
+
+    /// Like [`Env::spawn`], at the lowest CPU priority (`nice -n 19`, inherited by every thread
+    /// of the process). For load generators that stand in for machines other than the control
+    /// plane's, e.g. a simulated fleet, so that they take only CPU the control plane leaves idle.
+    pub fn spawn_low_priority(
+        &self,
+        binary: &str,
+        log_name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Process> {
+        let path = self.binary(binary);
+        let mut niced = vec!["-n", "19", path.to_str().unwrap_or_default()];
+        niced.extend_from_slice(args);
+        self.launch(
+            Command::new("nice"),
+            &self.kubeconfig,
+            binary,
+            log_name,
+            &niced,
+        )
     }
 
     /// Like [`Env::spawn`], with another kubeconfig (e.g. one impersonating a ServiceAccount).
@@ -448,9 +485,26 @@ impl Env {
         log_name: &str,
         args: &[&str],
     ) -> anyhow::Result<Process> {
+        self.launch(
+            Command::new(self.binary(binary)),
+            kubeconfig,
+            binary,
+            log_name,
+            args,
+        )
+    }
+
+    fn launch(
+        &self,
+        mut command: Command,
+        kubeconfig: &Path,
+        binary: &str,
+        log_name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Process> {
         let log_path = self.scratch.join(format!("{log_name}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(self.binary(binary))
+        let child = command
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env(
