@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::Parser;
 use operator::{
     config::Config,
@@ -33,13 +32,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let kube_config = kube::Config::infer().await.context(
-        "no Kubernetes configuration: set KUBECONFIG or run in a pod with a service account",
-    )?;
-    let default_namespace = kube_config.default_namespace.clone();
-    let client = plumbing::kube_client::build(kube_config, "fleetwarden-operator")?;
+    let client = plumbing::kube_client::connect("fleetwarden-operator").await?;
     let leader_config = config
-        .leader_config(&default_namespace)
+        .leader_config(client.default_namespace())
         .map_err(anyhow::Error::msg)?;
     tracing::info!(
         identity = %leader_config.identity,
