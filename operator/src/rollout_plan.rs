@@ -113,10 +113,23 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
             Some((wave, waves::progress(d, name, &spec.firmware)))
         })
         .collect();
+    // What a device runs is what it last reported. Its update record may still say it installed
+    // the new firmware after it has gone back to the rollback firmware (the record is the last
+    // update it reported, the report is every check-in).
     let on_new_firmware = u32::try_from(
-        outcomes
+        inp.devices
             .iter()
-            .filter(|(_, o)| *o == Progress::Succeeded)
+            .filter(|d| {
+                d.metadata
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| population.wave_of(uid).is_some())
+                    && d.status
+                        .as_ref()
+                        .and_then(|s| s.reported.as_ref())
+                        .and_then(|r| r.firmware_version.as_deref())
+                        == Some(spec.firmware.version.as_str())
+            })
             .count(),
     )
     .unwrap_or(u32::MAX);
@@ -706,6 +719,60 @@ mod tests {
             assert!(reason_of(&p, "Degraded").0);
             assert_eq!(p.status.totals.as_ref().unwrap().failed, 3);
         }
+    }
+
+    #[test]
+    fn a_rolled_back_device_is_off_the_new_firmware_by_its_report() {
+        let g = group();
+        let mut devices = fleet(200);
+        let mut r = rollout(
+            serde_json::json!([{"percent": 5}, {"percent": 100}]),
+            serde_json::json!({"onFailure": "Rollback", "rollbackFirmware": signed("4.1.3", 12)}),
+        );
+        step(&mut r, &devices, &g, now());
+        settle(&mut devices, &r, 1, 3); // 7 canaries take 4.2.0, 3 fail: rolled back
+        let p = step(&mut r, &devices, &g, now());
+        assert_eq!(p.status.phase, Some(RolloutPhase::RolledBack));
+        let degraded = |p: &Plan| {
+            p.conditions
+                .iter()
+                .find(|c| c.type_ == "Degraded")
+                .map(|c| c.message.clone())
+                .unwrap_or_default()
+        };
+        assert!(
+            degraded(&p).contains("7 devices still run 4.2.0"),
+            "{}",
+            degraded(&p)
+        );
+        // They go back to 4.1.3; their update records still say they installed 4.2.0.
+        for d in devices.iter_mut() {
+            let status = d.status.as_mut().unwrap();
+            if status
+                .reported
+                .as_ref()
+                .unwrap()
+                .firmware_version
+                .as_deref()
+                == Some("4.2.0")
+            {
+                status.update = Some(UpdateProgress {
+                    rollout: "fw".into(),
+                    version: "4.2.0".into(),
+                    state: UpdateState::Succeeded,
+                    progress_percent: None,
+                    message: None,
+                    updated_at: Time(now()),
+                });
+                status.reported.as_mut().unwrap().firmware_version = Some("4.1.3".into());
+            }
+        }
+        let p = step(&mut r, &devices, &g, now());
+        assert!(
+            degraded(&p).contains("every device is off the new firmware"),
+            "{}",
+            degraded(&p)
+        );
     }
 
     #[test]
