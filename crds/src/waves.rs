@@ -205,16 +205,21 @@ pub enum Progress {
     Failed(String),
 }
 
+/// The firmware version the device last reported at check-in, if any.
+pub fn reported_firmware(device: &Device) -> Option<&str> {
+    device
+        .status
+        .as_ref()
+        .and_then(|s| s.reported.as_ref())
+        .and_then(|r| r.firmware_version.as_deref())
+}
+
 /// A device's progress with `manifest`, offered by the rollout named `rollout`.
 pub fn progress(device: &Device, rollout: &str, manifest: &FirmwareManifest) -> Progress {
-    let status = device.status.as_ref();
-    let reported = status
-        .and_then(|s| s.reported.as_ref())
-        .and_then(|r| r.firmware_version.as_deref());
-    if reported == Some(manifest.version.as_str()) {
+    if reported_firmware(device) == Some(manifest.version.as_str()) {
         return Progress::Succeeded;
     }
-    match status.and_then(|s| s.update.as_ref()) {
+    match device.status.as_ref().and_then(|s| s.update.as_ref()) {
         Some(u) if u.rollout == rollout && u.version == manifest.version => match u.state {
             UpdateState::Failed => Progress::Failed(u.message.clone().unwrap_or_default()),
             UpdateState::Succeeded => Progress::Succeeded,
@@ -294,12 +299,7 @@ pub fn offer<'r>(
         }
         Some(RolloutPhase::RolledBack) => {
             let rollback = spec.rollback_firmware.as_ref()?;
-            let on_new = device
-                .status
-                .as_ref()
-                .and_then(|s| s.reported.as_ref())
-                .and_then(|r| r.firmware_version.as_deref())
-                == Some(spec.firmware.version.as_str());
+            let on_new = reported_firmware(device) == Some(spec.firmware.version.as_str());
             if !on_new || matches!(progress(device, name, rollback), Progress::Failed(_)) {
                 return None;
             }

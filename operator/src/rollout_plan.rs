@@ -103,6 +103,10 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
     let mut current = (previous.current_wave as usize).min(spec.waves.len());
     let timeout =
         SignedDuration::try_from(spec.device_timeout.get()).unwrap_or(SignedDuration::MAX);
+    // What a device runs is what it last reported. Its update record may still say it installed
+    // the new firmware after it has gone back to the rollback firmware (the record is the last
+    // update it reported, the report is every check-in).
+    let mut on_new_firmware: u32 = 0;
     // Each device's wave and outcome, computed once; counts are tallied from these for whatever
     // waves have started (again after a wave starts in this pass).
     let outcomes: Vec<(usize, Progress)> = inp
@@ -110,29 +114,12 @@ pub fn plan(inp: &Inputs<'_>) -> Plan {
         .iter()
         .filter_map(|d| {
             let wave = population.wave_of(d.metadata.uid.as_deref()?)?;
+            if waves::reported_firmware(d) == Some(spec.firmware.version.as_str()) {
+                on_new_firmware = on_new_firmware.saturating_add(1);
+            }
             Some((wave, waves::progress(d, name, &spec.firmware)))
         })
         .collect();
-    // What a device runs is what it last reported. Its update record may still say it installed
-    // the new firmware after it has gone back to the rollback firmware (the record is the last
-    // update it reported, the report is every check-in).
-    let on_new_firmware = u32::try_from(
-        inp.devices
-            .iter()
-            .filter(|d| {
-                d.metadata
-                    .uid
-                    .as_deref()
-                    .is_some_and(|uid| population.wave_of(uid).is_some())
-                    && d.status
-                        .as_ref()
-                        .and_then(|s| s.reported.as_ref())
-                        .and_then(|r| r.firmware_version.as_deref())
-                        == Some(spec.firmware.version.as_str())
-            })
-            .count(),
-    )
-    .unwrap_or(u32::MAX);
     let tally = |waves: &mut [WaveStatus], current: usize| -> Option<Duration> {
         let mut next_timeout = None;
         for w in waves.iter_mut() {
