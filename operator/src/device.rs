@@ -77,6 +77,25 @@ struct Memo {
     status: HashMap<String, (Instant, OwnedStatus)>,
     /// CertificateRequests (namespace, name) we created or gave a verdict, and when.
     requests: HashMap<(String, String), Instant>,
+    /// When `requests` was last swept of expired entries.
+    swept: Option<Instant>,
+}
+
+impl Memo {
+    /// Whether the request named `key` was written within [`MEMO_TTL`] of `now`. Expired entries
+    /// are swept at most once per [`MEMO_TTL`], not on every lookup: during a mass enrollment the
+    /// map holds one entry per device in flight and lookups come once per reconcile.
+    fn recent_request(&mut self, key: &(String, String), now: Instant) -> bool {
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < MEMO_TTL;
+        if self
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= MEMO_TTL)
+        {
+            self.requests.retain(|_, at| fresh(at));
+            self.swept = Some(now);
+        }
+        self.requests.get(key).is_some_and(fresh)
+    }
 }
 
 /// The Device status fields the operator owns.
@@ -541,9 +560,7 @@ impl Context {
         let Ok(mut memo) = self.memo.lock() else {
             return false;
         };
-        memo.requests.retain(|_, at| at.elapsed() < MEMO_TTL);
-        memo.requests
-            .contains_key(&(ns.to_string(), name.to_string()))
+        memo.recent_request(&(ns.to_string(), name.to_string()), Instant::now())
     }
 
     fn remember_request(&self, ns: &str, name: &str) {
@@ -821,5 +838,34 @@ async fn publish(ctx: &Context, device: &Device, warning: bool, reason: &str, no
     ctx.shared.metrics.write("events", "create");
     if let Err(e) = ctx.recorder.publish(&event, &device.object_ref(&())).await {
         tracing::debug!(device = %describe(device), error = %e, "could not record event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> (String, String) {
+        ("ns".to_string(), name.to_string())
+    }
+
+    #[test]
+    fn a_request_is_recent_for_the_memo_ttl_and_expired_entries_are_swept() {
+        let t0 = Instant::now();
+        let mut memo = Memo::default();
+        memo.requests.insert(key("a"), t0);
+        assert!(memo.recent_request(&key("a"), t0));
+        assert!(!memo.recent_request(&key("b"), t0));
+        memo.requests.insert(key("b"), t0 + MEMO_TTL / 2);
+        // Just before the sweep is due: "a" is still recent, both are kept.
+        let late = t0 + MEMO_TTL - Duration::from_millis(1);
+        assert!(memo.recent_request(&key("a"), late));
+        assert_eq!(memo.requests.len(), 2);
+        // "a" has expired: it is no longer recent even though no sweep has run since t0.
+        assert!(!memo.recent_request(&key("a"), t0 + MEMO_TTL));
+        // The sweep at t0 + TTL removed "a" and kept "b".
+        assert_eq!(memo.requests.len(), 1);
+        assert!(memo.recent_request(&key("b"), t0 + MEMO_TTL));
+        assert!(!memo.recent_request(&key("b"), t0 + MEMO_TTL * 2));
     }
 }
