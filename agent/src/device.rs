@@ -185,15 +185,17 @@ impl Device {
         Fut: std::future::Future<Output = Result<Enrollment, CallError>>,
     {
         let deadline = tokio::time::Instant::now() + self.issue_timeout;
+        let mut attempt = 0;
         loop {
             match ask().await? {
                 Enrollment::Issued(chain) => return Ok(chain),
-                Enrollment::Pending(wait) => {
+                Enrollment::Pending(hint) => {
+                    let wait = next_poll(attempt, hint);
                     if tokio::time::Instant::now() + wait > deadline {
                         return Err(DeviceError::IssueTimeout(self.issue_timeout));
                     }
-                    // Polls sooner than the hint near the start: issuance is usually fast.
-                    tokio::time::sleep(wait.min(Duration::from_millis(500))).await;
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
                 }
             }
         }
@@ -267,6 +269,17 @@ impl Device {
     }
 }
 
+/// The first wait for a certificate being issued: issuance usually takes well under a second.
+const FIRST_POLL: Duration = Duration::from_millis(500);
+
+/// How long to wait before asking again for a certificate after `attempt` answers of "not yet"
+/// (counted from 0): soon at first, doubling up to the gateway's Retry-After `hint`, which is
+/// then honoured. A fleet enrolling at once (a site being commissioned) polls the gateway at
+/// the rate it asked for, not twice a second per device.
+fn next_poll(attempt: u32, hint: Duration) -> Duration {
+    FIRST_POLL.saturating_mul(1 << attempt.min(16)).min(hint)
+}
+
 /// Whether it is time to renew, given the gateway's `renewAfter`.
 pub fn renewal_due(answer: &CheckInResponse, now: jiff::Timestamp) -> bool {
     answer.renew_after.is_some_and(|t| now >= t)
@@ -293,6 +306,29 @@ mod tests {
             storage,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn polls_for_a_certificate_soon_at_first_then_at_the_gateways_pace() {
+        let ms = |n| Duration::from_millis(n);
+        let waits = |hint| (0..7).map(|a| next_poll(a, hint)).collect::<Vec<_>>();
+        assert_eq!(
+            waits(ms(5000)),
+            [
+                ms(500),
+                ms(1000),
+                ms(2000),
+                ms(4000),
+                ms(5000),
+                ms(5000),
+                ms(5000)
+            ]
+        );
+        assert_eq!(waits(ms(1000))[..3], [ms(500), ms(1000), ms(1000)]);
+        // A hint shorter than the first poll is followed as given.
+        assert_eq!(next_poll(0, ms(200)), ms(200));
+        // Far into a long wait the doubling does not overflow.
+        assert_eq!(next_poll(u32::MAX, ms(5000)), ms(5000));
     }
 
     #[test]
