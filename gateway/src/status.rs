@@ -159,8 +159,30 @@ pub fn after_update(
     })
 }
 
-/// The last write for a device: the resourceVersion it was computed from, when, and what.
-type Slot = Arc<tokio::sync::Mutex<Option<(Option<String>, Instant, Owned)>>>;
+/// The gateway's last status write for a device.
+#[derive(Clone, Debug)]
+struct Memo {
+    /// The resourceVersion of the cached Device it was computed from.
+    from: Option<String>,
+    /// The gateway's fields as they were in that Device.
+    base: Owned,
+    written: Owned,
+    at: Instant,
+}
+
+impl Memo {
+    /// Whether the write still stands in for the cache, which has not shown it yet: the cache is
+    /// still at the version the write was computed from, or it has moved only by other writers'
+    /// changes (the operator's finalizer or status) and shows the gateway's fields as they were.
+    /// Once the cache shows this write, or another replica's write of these fields, the cache
+    /// is trusted again.
+    fn stands_in(&self, cached_rv: &Option<String>, cached: &Owned, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < MEMO_TTL
+            && (self.from == *cached_rv || *cached == self.base)
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Memo>>>;
 
 /// Serialises and remembers the gateway's status writes, per device.
 #[derive(Clone)]
@@ -197,13 +219,12 @@ impl Writer {
     pub async fn freshest(&self, device: &Device) -> Owned {
         let slot = self.slot(&device.uid().unwrap_or_default());
         let memo = slot.lock().await;
+        let cached = Owned::of(device.status.as_ref());
         match memo.as_ref() {
-            Some((from, at, written))
-                if *from == device.resource_version() && at.elapsed() < MEMO_TTL =>
-            {
-                written.clone()
+            Some(m) if m.stands_in(&device.resource_version(), &cached, Instant::now()) => {
+                m.written.clone()
             }
-            _ => Owned::of(device.status.as_ref()),
+            _ => cached,
         }
     }
 
@@ -221,11 +242,11 @@ impl Writer {
         let cached = Owned::of(device.status.as_ref());
         let rv = device.resource_version();
         let current = match memo.as_ref() {
-            Some((from, at, written)) if *from == rv && at.elapsed() < MEMO_TTL => written.clone(),
+            Some(m) if m.stands_in(&rv, &cached, Instant::now()) => m.written.clone(),
             _ => {
                 // The cache has caught up (or the memo is old): drop the copy.
                 *memo = None;
-                cached
+                cached.clone()
             }
         };
         let Some(next) = change(&current) else {
@@ -249,7 +270,12 @@ impl Writer {
             device: format!("{ns}/{}", device.name_any()),
             source,
         })?;
-        *memo = Some((rv, Instant::now(), next));
+        *memo = Some(Memo {
+            from: rv,
+            base: cached,
+            written: next,
+            at: Instant::now(),
+        });
         Ok(true)
     }
 }
@@ -281,6 +307,44 @@ mod tests {
             "compliance": {"maxOffline": max_offline},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_write_stands_in_for_the_cache_until_the_cache_shows_it_or_another_replicas() {
+        let t0 = Instant::now();
+        let base = Owned::default();
+        let enrollment = EnrollmentStatus {
+            csr: "csr".into(),
+            csr_sha256: "ab".repeat(32),
+            method: EnrollmentMethod::Token,
+            requested_at: Time(t("2026-01-01T00:00:00Z")),
+        };
+        let written = after_enroll(&base, enrollment).unwrap();
+        let memo = Memo {
+            from: Some("10".into()),
+            base: base.clone(),
+            written: written.clone(),
+            at: t0,
+        };
+        let rv = |v: &str| Some(v.to_string());
+        // The cache still shows the Device the write was computed from.
+        assert!(memo.stands_in(&rv("10"), &base, t0));
+        // The operator wrote meanwhile (its event arrived first): the gateway's fields are
+        // unchanged, so the write has not arrived yet and still stands in.
+        assert!(memo.stands_in(&rv("11"), &base, t0));
+        // The cache shows the write: trusted again.
+        assert!(!memo.stands_in(&rv("12"), &written, t0));
+        // Another replica wrote the gateway's fields: its write is newer, trusted.
+        let other = after_checkin(
+            &base,
+            &reported("1.0.0"),
+            t("2026-01-01T00:00:01Z"),
+            FIVE_MIN,
+        )
+        .unwrap();
+        assert!(!memo.stands_in(&rv("13"), &other, t0));
+        // A memo never outlives its TTL.
+        assert!(!memo.stands_in(&rv("10"), &base, t0 + MEMO_TTL));
     }
 
     #[test]
