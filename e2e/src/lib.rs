@@ -440,15 +440,16 @@ impl Env {
     /// CPU time (user + system, seconds) the API server has used so far, when this harness
     /// started it.
     pub fn api_server_cpu_seconds(&self) -> Option<f64> {
+        self.control_plane_cpu_seconds("kube-apiserver")
+    }
+
+    /// CPU time (user + system, seconds) a component of the control plane this harness started
+    /// has used: `kube-apiserver`, `etcd` or `kube-controller-manager`. `None` for a shared or
+    /// external control plane.
+    pub fn control_plane_cpu_seconds(&self, component: &str) -> Option<f64> {
         let state = self.owned_control_plane.as_ref()?;
-        let pid = std::fs::read_to_string(state.join("kube-apiserver.pid")).ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
-        // Fields after the command name (which may contain spaces) start at field 3; utime and
-        // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some(ticks / 100.0)
+        let pid = std::fs::read_to_string(state.join(format!("{component}.pid"))).ok()?;
+        cpu_seconds(pid.trim().parse().ok()?)
     }
 
     /// Starts one of our binaries against this cluster; output goes to `<scratch>/<log_name>.log`.
@@ -867,6 +868,18 @@ fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
         }
     }
     newest
+}
+
+/// CPU time (user + system, seconds) process `pid` has used, all its threads together; `None`
+/// once it has exited.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 #[cfg(test)]

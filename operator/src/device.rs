@@ -820,6 +820,12 @@ async fn write_status(device: &Device, ctx: &Context, desired: &StatusPlan) -> R
         "status written"
     );
     ctx.remember_status(device, &written);
+    if let Some(identity) = &desired.identity {
+        let before = current.identity.as_ref();
+        if before.map(|i| &i.fingerprint_sha256) != Some(&identity.fingerprint_sha256) {
+            ctx.shared.metrics.identity_written(before.is_some());
+        }
+    }
     Ok(())
 }
 

@@ -33,6 +33,12 @@ pub struct EnrollmentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// `issued` (the device's first certificate) or `rotated` (a renewal or re-enrollment).
+    pub change: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -48,6 +54,8 @@ pub struct Metrics {
     /// Every write request the operator sends to the API server.
     pub api_writes: Family<WriteLabels, Counter>,
     pub enrollments: Family<EnrollmentLabels, Counter>,
+    /// New certificates written to Device status (the device is Enrolled with it from then on).
+    pub identities: Family<IdentityLabels, Counter>,
     /// Devices whose certificate is inside its renewal window.
     pub certificates_expiring: Gauge,
 }
@@ -114,6 +122,12 @@ impl Metrics {
             "Enrollment CSRs approved or denied, by policy reason",
             enrollments.clone(),
         );
+        let identities = Family::<IdentityLabels, Counter>::default();
+        registry.register(
+            "identities_written",
+            "New device certificates written to Device status, first (issued) or rotated",
+            identities.clone(),
+        );
         let certificates_expiring = Gauge::default();
         registry.register(
             "certificates_expiring",
@@ -124,6 +138,7 @@ impl Metrics {
             registry,
             api_writes,
             enrollments,
+            identities,
             certificates_expiring,
             leader,
             leader_transitions,
@@ -164,6 +179,14 @@ impl Metrics {
         let result = if approved { "approved" } else { "denied" };
         self.enrollments
             .get_or_create(&EnrollmentLabels { result, reason })
+            .inc();
+    }
+
+    /// Counts a new certificate written to a Device's status.
+    pub fn identity_written(&self, rotated: bool) {
+        let change = if rotated { "rotated" } else { "issued" };
+        self.identities
+            .get_or_create(&IdentityLabels { change })
             .inc();
     }
 

@@ -345,6 +345,18 @@ pub async fn a_device_enrolls_with_an_openssl_csr_and_renews(env: Arc<Env>) -> a
             .await?
             >= 1.0
     );
+    let identities = |change: &'static str| {
+        let operator = &f.operator;
+        async move {
+            operator
+                .metric(&format!(
+                    "fleetwarden_operator_identities_written_total{{change=\"{change}\"}}"
+                ))
+                .await
+        }
+    };
+    let issued = identities("issued").await?;
+    ensure!(issued == 1.0, "{issued} identities counted as issued");
 
     // Renewal: a new key and CSR; the identity rotates and the old request goes away.
     let old = status.identity.clone().context("identity")?;
@@ -374,6 +386,11 @@ pub async fn a_device_enrolls_with_an_openssl_csr_and_renews(env: Arc<Env>) -> a
     ensure!(
         new.serial_number != old.serial_number,
         "serial did not change"
+    );
+    let counted = (identities("issued").await?, identities("rotated").await?);
+    ensure!(
+        counted == (1.0, 1.0),
+        "identities counted (issued, rotated): {counted:?}; want 1 and 1"
     );
     let device = rotated.clone();
     eventually(
