@@ -104,11 +104,13 @@ enum Command {
         /// Where the key, certificate and firmware state live.
         #[arg(long)]
         state_dir: PathBuf,
-        /// Single-use enrollment token (first enrollment).
+        /// Single-use enrollment token (first enrollment). Tokens are URL-safe base64, so one in
+        /// 64 starts with '-'; it is taken as the value all the same.
         #[arg(
             long,
             env = "FLEETWARDEN_ENROLLMENT_TOKEN",
-            conflicts_with = "idevid_cert"
+            conflicts_with = "idevid_cert",
+            allow_hyphen_values = true
         )]
         token: Option<String>,
         /// Manufacturer certificate (PEM) for the first enrollment, with --idevid-key.
@@ -346,5 +348,37 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_starting_with_a_hyphen_is_a_value() {
+        let cli = Cli::try_parse_from([
+            "fleetwarden-agent",
+            "run",
+            "--gateway",
+            "https://gw:8443",
+            "--gateway-ca",
+            "ca.pem",
+            "--trust-domain",
+            "fleet.example",
+            "--namespace",
+            "plant",
+            "--name",
+            "plc-1",
+            "--state-dir",
+            "/tmp/plc-1",
+            "--token",
+            "-zX3k_token",
+        ])
+        .expect("the token is parsed as a value");
+        let Command::Run { token, .. } = cli.command else {
+            panic!("not the run command");
+        };
+        assert_eq!(token.as_deref(), Some("-zX3k_token"));
     }
 }
