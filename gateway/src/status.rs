@@ -5,9 +5,10 @@
 //! `fleetwarden-gateway` field manager (applying fewer would delete the others).
 //!
 //! Writes for one device are serialised, and the last written value stands in for the watch
-//! cache while the cache still shows the version it was computed from, so back-to-back requests
-//! neither undo each other nor repeat a write. As soon as the cache moves (our write arrived, or
-//! another gateway replica wrote), the cache is trusted again.
+//! cache until the cache shows it, so back-to-back requests neither undo each other nor repeat a
+//! write: while the cache still shows the version the write was computed from, or has moved only
+//! by other writers' changes (the operator's) with the gateway's fields as they were. Once the
+//! cache shows our write, or another gateway replica's write of these fields, it is trusted again.
 
 use std::{
     collections::HashMap,
