@@ -437,12 +437,6 @@ impl Env {
         target_dir(&self.root).join(profile()).join(name)
     }
 
-    /// CPU time (user + system, seconds) the API server has used so far, when this harness
-    /// started it.
-    pub fn api_server_cpu_seconds(&self) -> Option<f64> {
-        self.control_plane_cpu_seconds("kube-apiserver")
-    }
-
     /// CPU time (user + system, seconds) a component of the control plane this harness started
     /// has used: `kube-apiserver`, `etcd` or `kube-controller-manager`. `None` for a shared or
     /// external control plane.

@@ -786,7 +786,9 @@ async fn fleet(
             "{n}: replaying {} writes for the floor",
             counts.total()
         ));
-        let cpu0 = env.api_server_cpu_seconds().unwrap_or(f64::NAN);
+        let cpu0 = env
+            .control_plane_cpu_seconds("kube-apiserver")
+            .unwrap_or(f64::NAN);
         f.floor_timings = replay::run(
             &env.client,
             &floor_ns,
@@ -797,7 +799,10 @@ async fn fleet(
         )
         .await
         .context("replaying the enrollment's writes")?;
-        f.floor_api_cpu = env.api_server_cpu_seconds().unwrap_or(f64::NAN) - cpu0;
+        f.floor_api_cpu = env
+            .control_plane_cpu_seconds("kube-apiserver")
+            .unwrap_or(f64::NAN)
+            - cpu0;
         let _ = env
             .kubectl_run(&["delete", "namespace", &floor_ns, "--wait=false"])
             .await;
@@ -816,6 +821,10 @@ async fn fleet(
     Ok(f)
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -826,7 +835,7 @@ fn machine() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = cores();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -944,8 +953,7 @@ fn render(args: &Args, throughput: (f64, f64), all: &[Figures]) -> String {
                 c.gateway,
                 c.simulator,
                 c.benchmark,
-                f.enroll_seconds
-                    * std::thread::available_parallelism().map_or(0, |n| n.get()) as f64
+                f.enroll_seconds * cores() as f64
             )
         },
     );
